@@ -1,0 +1,258 @@
+"""``queue.driver.memory``: an in-process driver with real queue semantics.
+
+Nothing survives the process, but within it nothing is lost either: a leased message
+stays counted (``in_flight``) until it is settled, nacks never need room in a full
+queue (the message never left it), and closing a subscription returns whatever it
+still holds. Everything runs on the app's event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from typing import Any
+
+from conveyor import errors
+from conveyor.drivers.base import Capabilities, Delivery, Driver, Headers, Outgoing, Subscription
+from conveyor.registry.model import QueueSpec
+
+__all__ = ["MemoryDriver"]
+
+
+class _Stored:
+    __slots__ = ("attempts", "body", "headers", "id")
+
+    def __init__(self, id: str, body: bytes, headers: Headers) -> None:
+        self.id = id
+        self.body = body
+        self.headers = headers
+        self.attempts = 0
+
+
+class _Queue:
+    """One named queue: ready FIFO, delayed heap, leased set."""
+
+    def __init__(self, name: str, max_length: int | None) -> None:
+        self.name = name
+        self.max_length = max_length
+        self.ready: deque[_Stored] = deque()
+        self.delayed: list[tuple[float, int, _Stored]] = []
+        self.leased = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.subscriptions: set[_MemorySubscription] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._seq = itertools.count()
+
+    @property
+    def size(self) -> int:
+        return len(self.ready) + len(self.delayed) + self.leased
+
+    def put(self, stored: _Stored) -> None:
+        self.ready.append(stored)
+        self._wake_one()
+
+    def put_front(self, stored: _Stored) -> None:
+        self.ready.appendleft(stored)
+        self._wake_one()
+
+    def put_later(self, stored: _Stored, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        heapq.heappush(self.delayed, (due, next(self._seq), stored))
+        if self.delayed[0][2] is stored:
+            self._arm(loop, due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(due, self._promote)
+
+    def _promote(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.put(heapq.heappop(self.delayed)[2])
+        if self.delayed:
+            self._arm(loop, self.delayed[0][0])
+
+    def _wake_one(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    def clear_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, queues: dict[str, _Queue], queue: _Queue, prefetch: int, auto_ack: bool) -> None:
+        self._queues = queues
+        self._q = queue
+        self._prefetch = prefetch
+        self._auto_ack = auto_ack
+        self._unsettled: dict[_Stored, None] = {}  # in lease order
+        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def get_nowait(self) -> Delivery | None:
+        q = self._q
+        if self._closed or not q.ready or len(self._unsettled) >= self._prefetch:
+            return None
+        stored = q.ready.popleft()
+        stored.attempts += 1
+        if self._auto_ack:
+            return Delivery(stored.id, stored.body, stored.headers, stored.attempts, None)
+        q.leased += 1
+        self._unsettled[stored] = None
+        return Delivery(stored.id, stored.body, stored.headers, stored.attempts, stored)
+
+    async def get(self) -> Delivery | None:
+        # Cancellation-safe: a cancelled wait has leased nothing.
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            delivery = self.get_nowait()
+            if delivery is not None:
+                return delivery
+            fut: asyncio.Future[None] = loop.create_future()
+            if len(self._unsettled) >= self._prefetch:
+                if self._q.ready:
+                    self._q._wake_one()  # ready work this subscription cannot take now
+                self._capacity_waiters.append(fut)
+            else:
+                self._q.waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                # Pass a wake-up we consumed on to another waiter.
+                if fut.done() and not fut.cancelled() and self._q.ready:
+                    self._q._wake_one()
+                raise
+        return None
+
+    def _settle(self, delivery: Delivery) -> _Stored:
+        stored = delivery.token
+        if stored is None or stored not in self._unsettled:
+            raise errors.invalid(f"delivery {delivery.id} is not held by this subscription")
+        del self._unsettled[stored]
+        self._q.leased -= 1
+        while self._capacity_waiters:
+            fut = self._capacity_waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                break
+        return stored  # type: ignore[no-any-return]
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._settle(delivery)
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        stored = self._settle(delivery)
+        if delay > 0:
+            self._q.put_later(stored, delay)
+        else:
+            self._q.put(stored)
+
+    async def release(self, delivery: Delivery) -> None:
+        stored = self._settle(delivery)
+        stored.attempts -= 1
+        self._q.put_front(stored)
+
+    async def dead_letter(self, delivery: Delivery, target: QueueSpec, copy: Outgoing) -> None:
+        driver_queue = self._queues[target.queue_name]
+        if driver_queue.max_length is not None and driver_queue.size >= driver_queue.max_length:
+            raise _queue_full(target, driver_queue.max_length)
+        driver_queue.put(_Stored(copy.id, copy.body, copy.headers))
+        self._settle(delivery)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._q.subscriptions.discard(self)
+        # Hand back what is still held, oldest first, ahead of newer messages.
+        for stored in reversed(list(self._unsettled)):
+            self._q.leased -= 1
+            self._q.put_front(stored)
+        self._unsettled.clear()
+        for fut in self._capacity_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._q.wake_all()
+
+
+def _queue_full(queue: QueueSpec, limit: int) -> errors.Error:
+    return errors.internal(
+        f"queue {queue.id} is full (max_length {limit}); nothing was stored",
+        queue=queue.id,
+        reason="queue_full",
+        max_length=limit,
+    )
+
+
+class MemoryDriver(Driver):
+    kind = "queue.driver.memory"
+    capabilities = Capabilities(atomic_batches=True, atomic_dead_letter=True, max_length=True)
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._queues: dict[str, _Queue] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for q in self._queues.values():
+            q.clear_timer()
+            q.wake_all()
+
+    async def declare(self, queue: QueueSpec) -> None:
+        max_length = queue.driver_options.get("memory", {}).get("max_length")
+        existing = self._queues.get(queue.queue_name)
+        if existing is None:
+            self._queues[queue.queue_name] = _Queue(queue.queue_name, max_length)
+        elif max_length is not None:
+            existing.max_length = max_length
+
+    def _queue(self, queue: QueueSpec) -> _Queue:
+        try:
+            return self._queues[queue.queue_name]
+        except KeyError:
+            raise errors.not_found(f"queue {queue.id} is not declared on this driver") from None
+
+    async def publish(self, queue: QueueSpec, batch: list[Outgoing]) -> None:
+        q = self._queue(queue)
+        limit = q.max_length
+        if limit is not None and q.size + len(batch) > limit:
+            raise _queue_full(queue, limit)
+        for out in batch:
+            q.put(_Stored(out.id, out.body, out.headers))
+
+    async def subscribe(self, queue: QueueSpec, *, prefetch: int, auto_ack: bool) -> Subscription:
+        q = self._queue(queue)
+        sub = _MemorySubscription(self._queues, q, prefetch, auto_ack)
+        q.subscriptions.add(sub)
+        return sub
+
+    async def info(self, queue: QueueSpec) -> dict[str, Any]:
+        q = self._queue(queue)
+        return {
+            "message_count": q.size,
+            "ready": len(q.ready),
+            "in_flight": q.leased,
+            "delayed": len(q.delayed),
+            "consumer_count": len(q.subscriptions),
+        }

@@ -1,0 +1,146 @@
+"""Typed, validated configuration entries: what the loader produces.
+
+Every object here is immutable and already validated; the runtime never re-checks
+configuration. Durations are float seconds. References are canonical IDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConsumerSpec",
+    "DeadLetterSpec",
+    "DriverSpec",
+    "FunctionSpec",
+    "PolicySpec",
+    "QueueSpec",
+    "Registry",
+    "RetrySpec",
+    "SecurityBlock",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """A ``queue.driver.*`` entry. ``options`` holds the kind-specific fields, validated,
+    with defaults filled in and durations in seconds (see docs/configuration.md).
+
+    memory: none.
+    sqlite: ``path`` (absolute), ``busy_timeout``, ``poll_interval``.
+    amqp: ``url``, ``vhost``, ``connection_name``, ``auth_mechanism``, ``heartbeat``,
+    ``connection_timeout``, ``reconnect_delay``, ``reconnect_max_delay``,
+    ``default_message_ttl``, ``default_queue_expiry``, ``prefetch_count``,
+    ``frame_size``, ``channel_max``, ``tls`` (a dict).
+    """
+
+    id: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "file.yaml: entry app:store", for messages
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySpec:
+    """Redelivery backoff: ``delay * backoff ** (attempts - 1)``, capped at ``max_delay``."""
+
+    delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+
+    def delay_for(self, attempts: int) -> float:
+        """Seconds to wait before redelivering a message whose ``attempts``-th try failed."""
+        if self.delay <= 0:
+            return 0.0
+        exponent = max(attempts - 1, 0)
+        try:
+            value = self.delay * (self.backoff**exponent)
+        except OverflowError:
+            return self.max_delay
+        return min(value, self.max_delay)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterSpec:
+    queue: str
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    id: str
+    driver: str
+    queue_name: str
+    codec: str = "json/plain"
+    dead_letter: DeadLetterSpec | None = None
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    # {"memory": {"max_length": 10}, "sqlite": {...}, "amqp": {...}}
+    driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityBlock:
+    actor: str | None = None
+    actor_meta: dict[str, Any] = field(default_factory=dict)
+    policies: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    id: str
+    queue: str
+    # exactly one of these is set after loading
+    func: str | None = None  # function entry ID
+    handler: str | None = None  # python import path "pkg.mod:callable"
+    method: str | None = None  # as written; resolved into func when possible
+    concurrency: int = 1
+    prefetch: int = 10
+    auto_ack: bool = False
+    timeout: float | None = None
+    security: SecurityBlock | None = None
+    driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lua_source: Path | None = None  # consumer `source:` file for `method:` Lua lookup
+    base_dir: Path | None = None  # directory of the declaring YAML (for `handler:` imports)
+    auto_start: bool = True
+    depends_on: tuple[str, ...] = ()
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionSpec:
+    id: str
+    kind: str  # function.python | function.lua
+    source: str  # "pkg.mod:callable" or "file://path.lua"
+    method: str | None = None
+    base_dir: Path = field(default_factory=Path)  # directory of the declaring YAML file
+    on_start: bool = False  # lifecycle.on_start: called once when consumers start
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    id: str
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    effect: str  # "allow" | "deny"
+    conditions: tuple[dict[str, Any], ...] = ()
+    groups: tuple[str, ...] = ()
+    where: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Everything one app declares, validated and cross-referenced."""
+
+    drivers: dict[str, DriverSpec] = field(default_factory=dict)
+    queues: dict[str, QueueSpec] = field(default_factory=dict)
+    consumers: dict[str, ConsumerSpec] = field(default_factory=dict)
+    functions: dict[str, FunctionSpec] = field(default_factory=dict)
+    policies: dict[str, PolicySpec] = field(default_factory=dict)
+    strict_security: bool = False
+    files: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()

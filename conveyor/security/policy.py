@@ -1,0 +1,536 @@
+"""Policy evaluation: may this actor perform this action on this resource?
+
+Contract (SPEC section 3):
+
+- A policy *applies* to a request when one of its action patterns matches the action,
+  one of its resource patterns matches the resource, and every condition holds.
+- Any applicable ``deny`` denies; otherwise any applicable ``allow`` allows; otherwise
+  the request is denied. With no security context at all the answer is ``not strict``.
+- Patterns are ``"*"`` (anything), an exact string, or a prefix ending in ``*``
+  (``queue.*`` matches ``queue.publish`` but not ``queue``; ``app:*`` matches
+  ``app:tasks``). Matching is exact and case-sensitive: nothing is normalised, because
+  IDs are validated where they enter and a lenient match here could let ``App:secret``
+  slip past a rule written for ``app:secret``.
+- Conditions never raise. A missing field, a missing ``value_from`` field or values of
+  types the operator cannot compare make the condition false (``exists`` aside). Note
+  that this applies to deny policies too: write deny conditions so that a missing
+  field does not silently lift the deny (e.g. prefer ``exists``-based rules).
+
+Configuration mistakes (unknown operator, bad field reference, bad regex, ...) are
+reported once, all together, as INVALID when the :class:`PolicyEngine` is built.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
+from operator import attrgetter
+from typing import Any, Final, TypeGuard
+
+from conveyor import errors
+from conveyor.registry.model import PolicySpec
+from conveyor.security.context import Actor, SecurityContext, as_names, current
+
+__all__ = [
+    "PUBLISH",
+    "PUBLISH_QUEUE",
+    "EngineResolver",
+    "PolicyEngine",
+    "Scope",
+    "is_allowed",
+    "set_engine_resolver",
+]
+
+PUBLISH: Final = "queue.publish"
+PUBLISH_QUEUE: Final = "queue.publish.queue"
+
+_MISSING: Final = object()  # a field that is absent from the request
+
+
+# --- the request ------------------------------------------------------------------
+
+
+class _Request:
+    """What conditions can see: the action, the resource, the actor and request meta."""
+
+    __slots__ = ("action", "actor_id", "actor_meta", "meta", "resource")
+
+    def __init__(self, action: str, resource: str, actor: Actor, meta: Mapping[str, Any] | None) -> None:
+        self.action = action
+        self.resource = resource
+        self.actor_id = actor.id
+        self.actor_meta = actor.meta
+        self.meta: Mapping[str, Any] = meta if meta is not None else {}
+
+
+_Getter = Callable[[_Request], object]
+
+_FIXED_FIELDS: Final[dict[str, _Getter]] = {
+    "action": attrgetter("action"),
+    "resource": attrgetter("resource"),
+    "actor.id": attrgetter("actor_id"),
+}
+_PATH_FIELDS: Final = (("actor.meta.", "actor_meta"), ("meta.", "meta"))
+
+
+def _field_getter(ref: object) -> _Getter | None:
+    """The reader for a field reference, or None if ``ref`` is not a valid one."""
+    if not isinstance(ref, str):
+        return None
+    fixed = _FIXED_FIELDS.get(ref)
+    if fixed is not None:
+        return fixed
+    for prefix, attr in _PATH_FIELDS:
+        if ref.startswith(prefix):
+            path = tuple(ref[len(prefix) :].split("."))
+            return functools.partial(_walk, attr, path) if all(path) else None
+    return None
+
+
+def _walk(attr: str, path: tuple[str, ...], request: _Request) -> object:
+    """Follow a dotted path through nested mappings; :data:`_MISSING` if it breaks off."""
+    node: object = getattr(request, attr)
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+# --- operators ----------------------------------------------------------------------
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    # bool is an int subclass, but True is not a number a policy author means.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _equal(a: object, b: object) -> bool:
+    """Value equality that never treats a bool as an int; lists and tuples compare alike."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_equal, a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # an exotic __eq__ must not turn a policy check into a crash
+        return False
+
+
+def _op_ne(a: object, b: object) -> bool:
+    return not _equal(a, b)
+
+
+def _op_lt(a: object, b: object) -> bool:
+    if _is_number(a) and _is_number(b):
+        return a < b
+    if isinstance(a, str) and isinstance(b, str):
+        return a < b
+    return False
+
+
+def _op_gt(a: object, b: object) -> bool:
+    return _op_lt(b, a)
+
+
+def _op_in(a: object, b: object) -> bool:
+    return isinstance(b, list | tuple) and any(_equal(a, item) for item in b)
+
+
+def _op_contains(a: object, b: object) -> bool:
+    if isinstance(a, str):
+        return isinstance(b, str) and b in a
+    if isinstance(a, list | tuple):
+        return any(_equal(item, b) for item in a)
+    return False
+
+
+@functools.lru_cache(maxsize=512)
+def _regex(pattern: str) -> re.Pattern[str] | None:
+    """Compiled ``pattern``, cached; None if it does not compile (from ``value_from``)."""
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return None
+
+
+def _op_matches(a: object, b: object) -> bool:
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    regex = _regex(b)
+    return regex is not None and regex.search(a) is not None
+
+
+_BINARY: Final[dict[str, Callable[[object, object], bool]]] = {
+    "eq": _equal,
+    "ne": _op_ne,
+    "lt": _op_lt,
+    "gt": _op_gt,
+    "in": _op_in,
+    "contains": _op_contains,
+    "matches": _op_matches,
+}
+_OPERATORS: Final = (*_BINARY, "exists")
+
+
+# --- conditions ---------------------------------------------------------------------
+
+
+class _Compare:
+    """A binary condition: ``field <operator> value`` (or ``value_from``)."""
+
+    __slots__ = ("_field", "_operand", "_test")
+
+    def __init__(self, field: _Getter, test: Callable[[object, object], bool], operand: _Getter) -> None:
+        self._field = field
+        self._test = test
+        self._operand = operand
+
+    def holds(self, request: _Request) -> bool:
+        actual = self._field(request)
+        expected = self._operand(request)
+        if actual is _MISSING or expected is _MISSING:
+            return False
+        return self._test(actual, expected)
+
+
+class _Exists:
+    """``exists``: true when the field's presence is what the condition asks for."""
+
+    __slots__ = ("_field", "_present")
+
+    def __init__(self, field: _Getter, present: bool) -> None:
+        self._field = field
+        self._present = present
+
+    def holds(self, request: _Request) -> bool:
+        return (self._field(request) is not _MISSING) is self._present
+
+
+def _constant(value: object, _request: _Request) -> object:
+    return value
+
+
+def _compile_condition(raw: Mapping[str, Any]) -> _Compare | _Exists:
+    """Build a condition already accepted by :func:`_condition_problem`."""
+    field = _field_getter(raw["field"])
+    assert field is not None  # validated
+    if raw["operator"] == "exists":
+        return _Exists(field, raw.get("value") is not False)
+    source = raw.get("value_from")
+    operand = _field_getter(source) if source is not None else functools.partial(_constant, raw["value"])
+    assert operand is not None  # validated
+    return _Compare(field, _BINARY[raw["operator"]], operand)
+
+
+def _condition_problem(raw: object) -> str | None:
+    """What is wrong with one condition mapping, or None."""
+    if not isinstance(raw, Mapping):
+        return f"a condition must be a mapping, not {type(raw).__name__}"
+    if _field_getter(raw.get("field")) is None:
+        return (
+            f"field {raw.get('field')!r} is not one of actor.id, actor.meta.<key>, meta.<key>, "
+            "action, resource"
+        )
+    operator = raw.get("operator")
+    if operator not in _OPERATORS:
+        return f"operator {operator!r} is not one of {', '.join(_OPERATORS)}"
+    if operator == "exists":
+        return _exists_problem(raw)
+    return _operand_problem(operator, raw)
+
+
+def _exists_problem(raw: Mapping[str, Any]) -> str | None:
+    if raw.get("value_from") is not None:
+        return "operator 'exists' takes no value_from"
+    value = raw.get("value")
+    if value is not None and not isinstance(value, bool):
+        return f"operator 'exists' takes true, false or no value, not {value!r}"
+    return None
+
+
+def _operand_problem(operator: str, raw: Mapping[str, Any]) -> str | None:
+    source = raw.get("value_from")
+    if source is not None:
+        if raw.get("value") is not None:
+            return "a condition takes value or value_from, not both"
+        return None if _field_getter(source) is not None else f"value_from {source!r} is not a field"
+    if "value" not in raw:
+        return f"operator {operator!r} needs a value or value_from"
+    return _value_problem(operator, raw["value"])
+
+
+def _value_problem(operator: str, value: object) -> str | None:
+    """Static values the operator could never use: caught now rather than never matching."""
+    if operator == "in" and not isinstance(value, list | tuple):
+        return f"operator 'in' needs a list value, not {value!r}"
+    if operator in ("lt", "gt") and not (_is_number(value) or isinstance(value, str)):
+        return f"operator {operator!r} needs a number or string value, not {value!r}"
+    if operator == "matches" and not (isinstance(value, str) and _regex(value) is not None):
+        return f"operator 'matches' needs a valid regular expression, not {value!r}"
+    return None
+
+
+# --- patterns and policies ----------------------------------------------------------
+
+
+class _Patterns:
+    """A compiled ``actions`` or ``resources`` list: exact strings and ``*`` prefixes."""
+
+    __slots__ = ("_exact", "_prefixes")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        patterns = tuple(patterns)
+        self._exact = frozenset(p for p in patterns if not p.endswith("*"))
+        # "*" becomes the empty prefix, which every string starts with.
+        self._prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+
+    def matches(self, value: str) -> bool:
+        return value in self._exact or value.startswith(self._prefixes)
+
+
+def _patterns_problems(what: str, patterns: Iterable[object]) -> list[str]:
+    items = tuple(patterns)
+    if not items:
+        return [f"{what} is empty: the policy would never apply"]
+    return [f"{what} entry {p!r} is not a non-empty string" for p in items if not isinstance(p, str) or not p]
+
+
+class _Policy:
+    """A :class:`PolicySpec` compiled for evaluation."""
+
+    __slots__ = ("_actions", "_conditions", "_resources", "deny", "spec")
+
+    def __init__(self, spec: PolicySpec) -> None:
+        self.spec = spec
+        self.deny = spec.effect == "deny"
+        self._actions = _Patterns(spec.actions)
+        self._resources = _Patterns(spec.resources)
+        self._conditions = tuple(_compile_condition(c) for c in spec.conditions)
+
+    def applies(self, request: _Request) -> bool:
+        if not (self._actions.matches(request.action) and self._resources.matches(request.resource)):
+            return False
+        return all(condition.holds(request) for condition in self._conditions)
+
+
+def _policy_problems(spec: PolicySpec) -> list[str]:
+    """Every configuration problem of one policy, prefixed with where it was declared."""
+    problems = _patterns_problems("actions", spec.actions) + _patterns_problems("resources", spec.resources)
+    if spec.effect not in ("allow", "deny"):
+        problems.append(f"effect {spec.effect!r} is not 'allow' or 'deny'")
+    for index, raw in enumerate(spec.conditions):
+        problem = _condition_problem(raw)
+        if problem is not None:
+            problems.append(f"conditions[{index}]: {problem}")
+    where = spec.where or f"policy {spec.id}"
+    return [f"{where}: {problem}" for problem in problems]
+
+
+def _compile(spec: PolicySpec) -> _Policy:
+    """Compile one policy; INVALID listing every problem if it is malformed."""
+    problems = _policy_problems(spec)
+    if problems:
+        raise errors.invalid("invalid security policy: " + "; ".join(problems), problems=problems)
+    return _Policy(spec)
+
+
+Scope = tuple[_Policy, ...]
+"""A compiled scope, deny policies first (see :func:`_permits`)."""
+
+
+def _permits(scope: Scope, request: _Request) -> bool:
+    # Denies come first in a scope, so the first policy that applies decides: a deny
+    # is seen before any allow could be.
+    for policy in scope:
+        if policy.applies(request):
+            return not policy.deny
+    return False
+
+
+def _denied(ctx: SecurityContext | None, action: str, resource: str) -> errors.Error:
+    actor = ctx.actor.id if ctx is not None else None
+    target = f" on {resource}" if resource else ""
+    if ctx is None:
+        message = f"permission denied: no security context may {action}{target} (security is strict)"
+    else:
+        message = f"permission denied: actor {actor!r} may not {action}{target}"
+    details = {"action": action, "resource": resource, "actor": actor}
+    return errors.Error(errors.PERMISSION_DENIED, message, retryable=False, details=details)
+
+
+def _check_request(action: object, resource: object, meta: object) -> None:
+    if not isinstance(action, str) or not action:
+        raise errors.invalid(f"action must be a non-empty string, not {action!r}")
+    if not isinstance(resource, str):
+        raise errors.invalid(f"resource must be a string, not {resource!r}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise errors.invalid(f"meta must be a mapping, not {type(meta).__name__}")
+
+
+# --- the engine ---------------------------------------------------------------------
+
+
+class PolicyEngine:
+    """Evaluates security contexts against one app's policies.
+
+    Built once per app from its ``security.policy`` entries (``policies`` maps policy
+    ID to spec) and its ``strict`` flag; immutable afterwards. Raises INVALID, listing
+    every malformed policy, if any policy cannot be compiled.
+    """
+
+    __slots__ = ("__weakref__", "_compiled", "_groups", "_specs", "_strict")
+
+    def __init__(self, policies: Mapping[str, PolicySpec], strict: bool = False) -> None:
+        self._specs = dict(policies)
+        self._strict = strict
+        problems = [p for spec in self._specs.values() for p in _policy_problems(spec)]
+        if problems:
+            raise errors.invalid("invalid security policies: " + "; ".join(problems), problems=problems)
+        self._compiled = {pid: _Policy(spec) for pid, spec in self._specs.items()}
+        self._groups = _index_groups(self._specs)
+
+    @property
+    def strict(self) -> bool:
+        """True when requests without a security context are denied."""
+        return self._strict
+
+    def resolve_scope(self, policies: Iterable[str], groups: Iterable[str]) -> tuple[PolicySpec, ...]:
+        """The named policies, then every member of the named groups, each once.
+
+        Order is deterministic: named policies as given, then each group's members in
+        declaration order. Raises NOT_FOUND naming every unknown policy ID and group.
+        """
+        policy_ids, group_names = as_names(policies, "policies"), as_names(groups, "groups")
+        missing = [p for p in policy_ids if p not in self._specs]
+        unknown = [g for g in group_names if g not in self._groups]
+        if missing or unknown:
+            raise _not_found(missing, unknown)
+        ordered = dict.fromkeys(chain(policy_ids, *(self._groups[g] for g in group_names)))
+        return tuple(self._specs[pid] for pid in ordered)
+
+    def compile_scope(self, ctx: SecurityContext) -> Scope:
+        """The compiled scope of ``ctx`` (uncached: use ``ctx.scope_for(engine)``).
+
+        Pre-resolved policies come first and win over a same-ID policy of the engine.
+        """
+        unique: dict[str, PolicySpec] = {}
+        for spec in chain(ctx.resolved, self.resolve_scope(ctx.policies, ctx.groups)):
+            unique.setdefault(spec.id, spec)
+        compiled = [self._compiled_for(spec) for spec in unique.values()]
+        compiled.sort(key=lambda policy: not policy.deny)  # stable: denies first
+        return tuple(compiled)
+
+    def _compiled_for(self, spec: PolicySpec) -> _Policy:
+        known = self._compiled.get(spec.id)
+        return known if known is not None and known.spec is spec else _compile(spec)
+
+    def is_allowed(
+        self,
+        ctx: SecurityContext | None,
+        action: str,
+        resource: str = "",
+        meta: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Whether ``ctx`` may perform ``action`` on ``resource``; ``not strict`` without a context.
+
+        ``meta`` is the request metadata that ``meta.X`` conditions read. Raises INVALID
+        for a malformed action or resource and NOT_FOUND for an unresolvable scope.
+        """
+        _check_request(action, resource, meta)
+        if ctx is None:
+            return not self._strict
+        return _permits(ctx.scope_for(self), _Request(action, resource, ctx.actor, meta))
+
+    def check(
+        self,
+        ctx: SecurityContext | None,
+        action: str,
+        resource: str = "",
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Like :meth:`is_allowed`, but raise PERMISSION_DENIED (not retryable) when denied.
+
+        The error's ``details`` are ``{"action", "resource", "actor"}`` (actor ID or None).
+        """
+        if not self.is_allowed(ctx, action, resource, meta):
+            raise _denied(ctx, action, resource)
+
+    def check_publish(
+        self, ctx: SecurityContext | None, queue_id: str, meta: Mapping[str, Any] | None = None
+    ) -> None:
+        """Raise PERMISSION_DENIED unless ``ctx`` may publish to ``queue_id``.
+
+        Both ``queue.publish`` (no resource) and ``queue.publish.queue`` on the queue
+        ID must be allowed, checked in that order. ``queue_id`` must already be
+        validated: it is matched verbatim.
+        """
+        if ctx is None and not self._strict:
+            return  # the hot path of apps that use no security: one test, no work
+        if ctx is None:
+            raise _denied(None, PUBLISH, "")
+        scope = ctx.scope_for(self)
+        if not _permits(scope, _Request(PUBLISH, "", ctx.actor, meta)):
+            raise _denied(ctx, PUBLISH, "")
+        if not _permits(scope, _Request(PUBLISH_QUEUE, queue_id, ctx.actor, meta)):
+            raise _denied(ctx, PUBLISH_QUEUE, queue_id)
+
+
+def _index_groups(specs: Mapping[str, PolicySpec]) -> dict[str, tuple[str, ...]]:
+    """Group name -> member policy IDs, in declaration order."""
+    groups: dict[str, list[str]] = {}
+    for pid, spec in specs.items():
+        for group in spec.groups:
+            groups.setdefault(group, []).append(pid)
+    return {name: tuple(members) for name, members in groups.items()}
+
+
+def _not_found(policies: list[str], groups: list[str]) -> errors.Error:
+    parts = [f"unknown security policy {p!r}" for p in policies]
+    parts += [f"unknown policy group {g!r}" for g in groups]
+    return errors.not_found("; ".join(parts), policies=policies, groups=groups)
+
+
+# --- the current app's engine ---------------------------------------------------------
+
+EngineResolver = Callable[[], PolicyEngine | None]
+
+
+def _no_engine() -> PolicyEngine | None:
+    return None
+
+
+_resolver: EngineResolver = _no_engine
+
+
+def set_engine_resolver(fn: EngineResolver | None) -> None:
+    """Register how :func:`is_allowed` finds the current app's engine (None: forget it).
+
+    The app runtime registers this so that this package does not import it. ``fn``
+    returns the current app's engine, or None when there is no current app.
+    """
+    global _resolver
+    _resolver = fn if fn is not None else _no_engine
+
+
+def is_allowed(action: str, resource: str = "", meta: Mapping[str, Any] | None = None) -> bool:
+    """Whether the current security context may perform ``action`` on ``resource``.
+
+    Evaluated by the current app's engine. Without a current app there is no policy
+    to consult and no strict flag: with no security context the answer is True, and
+    with one it raises INVALID "no queue runtime" rather than guess.
+    """
+    _check_request(action, resource, meta)
+    engine = _resolver()
+    ctx = current()
+    if engine is not None:
+        return engine.is_allowed(ctx, action, resource, meta)
+    if ctx is None:
+        return True
+    raise errors.invalid(
+        "no queue runtime: security.is_allowed needs a running conveyor app to resolve policies"
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 
 from conveyor import errors, security
+from conveyor.registry.ids import canonical_id
 from conveyor.registry.model import PolicySpec, SecurityBlock
 from conveyor.security import Actor, PolicyEngine, SecurityContext
 from conveyor.security.context import activate, current
@@ -117,10 +117,8 @@ def test_resource_patterns(pattern: str, value: str, expected: bool) -> None:
     assert allowed(pol("app:p", "act", pattern), "act", value) is expected
 
 
-@pytest.mark.parametrize(("pattern", "value", "expected"), PATTERN_CASES)
+@pytest.mark.parametrize(("pattern", "value", "expected"), [c for c in PATTERN_CASES if c[1]])
 def test_action_patterns(pattern: str, value: str, expected: bool) -> None:
-    if not value:
-        pytest.skip("actions are never empty")
     assert allowed(pol("app:p", pattern, "*"), value, "r") is expected
 
 
@@ -135,7 +133,16 @@ def test_pattern_lists_match_if_any_entry_matches(value: str, expected: bool) ->
 
 @pytest.mark.parametrize(
     "spelling",
-    ["App:secret", "APP:SECRET", "app:Secret", "app:secret ", " app:secret", "app:secret\n", "app:secre", "app:ſecret"],
+    [
+        "App:secret",
+        "APP:SECRET",
+        "app:Secret",
+        "app:secret ",
+        " app:secret",
+        "app:secret\n",
+        "app:secre",
+        "app:ſecret",
+    ],
 )
 def test_matching_is_exact_and_never_normalised(spelling: str) -> None:
     spec = pol("app:p", "queue.publish.queue", "app:secret")
@@ -143,14 +150,24 @@ def test_matching_is_exact_and_never_normalised(spelling: str) -> None:
     assert allowed(spec, "queue.publish.queue", spelling) is False
 
 
-@pytest.mark.parametrize("spelling", ["App:secret", "app:secret ", "APP:SECRET"])
-def test_deny_for_exact_id_and_prefix_allow_do_not_cover_other_spellings(spelling: str) -> None:
+def test_deny_matches_only_the_exact_id_it_names() -> None:
     engine = engine_of(pol("app:all", "*", "app:*"), pol("app:no", "*", "app:secret", "deny"))
     ctx = SecurityContext("svc-a", ["app:all", "app:no"])
     assert engine.is_allowed(ctx, "queue.publish.queue", "app:secret") is False
     assert engine.is_allowed(ctx, "queue.publish.queue", "app:tasks") is True
-    # The other spellings are not under the "app:*" allow either: default deny.
-    assert engine.is_allowed(ctx, "queue.publish.queue", spelling) is False
+    # A different case is a different (valid) ID, and not under the "app:*" allow either.
+    assert engine.is_allowed(ctx, "queue.publish.queue", "App:secret") is False
+    # The engine never trims: "app:secret " is not "app:secret" (so the deny does not
+    # apply and the prefix allow does). Such spellings are stopped before the check,
+    # by ID validation, as the next test pins.
+    assert engine.is_allowed(ctx, "queue.publish.queue", "app:secret ") is True
+
+
+@pytest.mark.parametrize("spelling", ["app:secret ", " app:secret", "app:secret\n", "app: secret"])
+def test_odd_spellings_never_reach_the_engine(spelling: str) -> None:
+    with pytest.raises(errors.Error) as info:
+        canonical_id(spelling)
+    assert info.value.kind == errors.INVALID
 
 
 # --- evaluation ---------------------------------------------------------------------
@@ -286,7 +303,9 @@ def test_resource_limited_policy_does_not_grant_resourceless_publish() -> None:
 
 
 def test_publish_deny_on_one_queue() -> None:
-    engine = engine_of(pol("app:all", "queue.*", "*"), pol("app:no", "queue.publish.queue", "app:secret", "deny"))
+    engine = engine_of(
+        pol("app:all", "queue.*", "*"), pol("app:no", "queue.publish.queue", "app:secret", "deny")
+    )
     ctx = SecurityContext("a", ["app:all", "app:no"])
     assert _publish_denied(engine, ctx, "app:tasks") is None
     assert _publish_denied(engine, ctx, "app:secret") is not None
@@ -341,7 +360,6 @@ OPERATOR_CASES: list[tuple[str, Any, Any, bool]] = [
     ("lt", 1, "2", False),
     ("lt", "1", 2, False),
     ("lt", True, 2, False),
-    ("lt", 0, True, False),
     ("lt", [1], 2, False),
     ("lt", float("nan"), 1, False),
     ("gt", 3, 2, True),
@@ -376,6 +394,18 @@ OPERATOR_CASES: list[tuple[str, Any, Any, bool]] = [
     ("matches", ["user-1"], "user", False),
 ]
 
+# Values a static condition may not hold (rejected when the engine is built) but a
+# value_from field can produce at run time.
+RUNTIME_ONLY_CASES: list[tuple[str, Any, Any, bool]] = [
+    ("lt", 0, True, False),
+    ("gt", 2, True, False),
+    ("lt", 1, [2], False),
+    ("in", "a", "abc", False),
+    ("in", 1, 1, False),
+    ("matches", "abc", 5, False),
+    ("matches", "abc", "(", False),
+]
+
 
 @pytest.mark.parametrize(("operator", "actual", "value", "expected"), OPERATOR_CASES)
 def test_operators(operator: str, actual: Any, value: Any, expected: bool) -> None:
@@ -383,7 +413,7 @@ def test_operators(operator: str, actual: Any, value: Any, expected: bool) -> No
     assert allowed(spec, x=actual) is expected
 
 
-@pytest.mark.parametrize(("operator", "actual", "value", "expected"), OPERATOR_CASES)
+@pytest.mark.parametrize(("operator", "actual", "value", "expected"), OPERATOR_CASES + RUNTIME_ONLY_CASES)
 def test_operators_with_value_from(operator: str, actual: Any, value: Any, expected: bool) -> None:
     spec = pol("app:p", conditions=(cond("meta.x", operator, value_from="actor.meta.y"),))
     engine = engine_of(spec)
@@ -684,12 +714,16 @@ def test_scope_is_cached_per_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_scope_cache_is_not_fooled_by_a_reused_engine_id() -> None:
     ctx = SecurityContext("svc", ["app:p"])
+    deny_specs = {"app:p": pol("app:p", effect="deny")}  # built now: keep allocations apart
     allow = engine_of(pol("app:p"))
     assert allow.is_allowed(ctx, "x") is True
-    del allow
-    gc.collect()
-    # A new engine may get the old one's id(); it must not reuse the old scope.
-    deny = engine_of(pol("app:p", effect="deny"))
+    stale_id = id(allow)
+    del allow  # freed at once (no cycles); no allocation may come in between
+    # CPython hands the freed memory to the next object of that size: the new engine
+    # gets the dead one's id() and must still not be given its cached scope.
+    deny = PolicyEngine(deny_specs, False)
+    if id(deny) != stale_id:
+        pytest.skip("the new engine did not reuse the collected engine's id")
     assert deny.is_allowed(ctx, "x") is False
 
 

@@ -96,7 +96,7 @@ class _FileCtx:
     path: Path  # as discovered, used in messages
     base_dir: Path  # absolute directory of the file: relative paths resolve here
     lines: dict[_Path, int] = field(default_factory=dict)
-    duplicate_keys: list[tuple[_Path, str]] = field(default_factory=list)
+    duplicate_keys: list[tuple[_Path, str, int]] = field(default_factory=list)
     namespace: str = ""
 
 
@@ -149,8 +149,8 @@ class _Scope:
     def where(self) -> str:
         return f"{self.file.path}: entry {self.label}"
 
-    def report(self, path: _Path, message: str) -> None:
-        self.load.add(self.file.path, self.label, path, message, self.line_of(path))
+    def report(self, path: _Path, message: str, line: int | None = None) -> None:
+        self.load.add(self.file.path, self.label, path, message, line or self.line_of(path))
 
     def line_of(self, path: _Path) -> int | None:
         """The line of the deepest known node on ``path`` (1-based), if any."""
@@ -522,10 +522,10 @@ def _index_nodes(node: yaml.Node, path: _Path, file: _FileCtx, active: set[int])
                 continue
             key, line = key_node.value, key_node.start_mark.line + 1
             if key in first_lines:
-                message = f"duplicate key {key!r} (first at line {first_lines[key]})"
-                file.duplicate_keys.append(((*path, key), message))
+                message = f"duplicate key {key!r} (first at line {first_lines[key]}; the last one wins)"
+                file.duplicate_keys.append(((*path, key), message, line))
             first_lines.setdefault(key, line)
-            file.lines.setdefault((*path, key), line)
+            file.lines[(*path, key)] = line  # the last duplicate is the value PyYAML keeps
             _index_nodes(value_node, (*path, key), file, active)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
@@ -776,6 +776,7 @@ def _consumer(f: _Fields) -> ConsumerSpec:
         security=_security_block(f.sub("security")),
         driver_options=_driver_options(f.sub("driver_options"), _CONSUMER_OPTIONS),
         lua_source=_consumer_source(f),
+        base_dir=f.scope.file.base_dir,
         auto_start=lifecycle.get("auto_start", _boolean, True) if lifecycle else True,
         depends_on=lifecycle.refs("depends_on", (CONSUMER,)) if lifecycle else (),
         where=f.scope.where,
@@ -930,6 +931,9 @@ def _condition_value(f: _Fields, operator: str) -> Any:
     value = _plain(f.raw("value"))
     if operator == "in" and not isinstance(value, list):
         f.report(f"operator in needs a list value, got {_describe(value)}", "value")
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if operator in ("lt", "gt") and not (numeric or isinstance(value, str)):
+        f.report(f"operator {operator} needs a number or string value, got {_describe(value)}", "value")
     if operator == "matches":
         try:
             re.compile(_string(value))
@@ -962,17 +966,19 @@ def _id(f: _Fields) -> str:
 
 def _load_entry(file: _FileCtx, load: _Load, index: int, raw: Any) -> None:
     scope = _Scope(load, file, ("entries", index), label=f"entries[{index}]")
-    pending: list[tuple[_Path, str]] = [
-        (path[2:], message) for path, message in file.duplicate_keys if path[:2] == ("entries", index)
+    pending: list[tuple[_Path, str, int | None]] = [
+        (path[2:], message, line)
+        for path, message, line in file.duplicate_keys
+        if path[:2] == ("entries", index)
     ]
-    data = _substitute(raw, (), os.environ, lambda path, message: pending.append((path, message)))
+    data = _substitute(raw, (), os.environ, lambda path, message: pending.append((path, message, None)))
     if not isinstance(data, Mapping):
         scope.report((), f"an entry must be a mapping, got {_describe(raw)}")
         return
     f = _Fields(scope, data)
     _identify(f)
-    for path, message in pending:  # reported now that the entry's label is known
-        scope.report(path, message)
+    for path, message, line in pending:  # reported now that the entry's label is known
+        scope.report(path, message, line)
     f.get("meta", _mapping, {})  # free-form and ignored, but must be a mapping
     _declare(scope)
     parser = _PARSERS.get(scope.kind or "")
@@ -1035,9 +1041,9 @@ def _load_file(path: Path, load: _Load) -> None:
     except yaml.YAMLError as exc:
         _report_yaml_error(top, exc)
         return
-    for key_path, message in file.duplicate_keys:
+    for key_path, message, line in file.duplicate_keys:
         if key_path[:1] != ("entries",):
-            top.report(key_path, message)
+            top.report(key_path, message, line)
     _load_document(top, document)
 
 
@@ -1107,14 +1113,19 @@ def _discover(path: Path) -> list[Path]:
 # --------------------------------------------------------------------------- phase two
 
 
+def _kinds_text(kinds: tuple[str, ...]) -> str:
+    return "a queue.driver.* entry" if kinds == DRIVER_KINDS else f"a {' or '.join(kinds)} entry"
+
+
 def _check_refs(load: _Load) -> None:
     for ref in load.refs:
         target = load.declared.get(ref.target)
+        wanted = _kinds_text(ref.kinds)
         if target is None:
-            wanted = " or ".join(ref.kinds)
-            ref.scope.report(ref.path, f"dangling reference {ref.target}: no {wanted} entry has this ID")
+            ref.scope.report(
+                ref.path, f"dangling reference {ref.target}: no entry has this ID (expected {wanted})"
+            )
         elif target.kind is not None and target.kind not in ref.kinds:
-            wanted = " or ".join(ref.kinds)
             ref.scope.report(ref.path, f"{ref.target} is a {target.kind} entry, expected {wanted}")
 
 

@@ -12,8 +12,8 @@ import pytest
 
 import conveyor
 from conveyor import errors, queue, security
-from tests.support.harness import Harness
 from tests.support.handlers import install
+from tests.support.harness import Harness
 from tests.support.waiting import wait_until
 
 

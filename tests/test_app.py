@@ -444,3 +444,41 @@ def test_bodies_logged_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         app.stop(timeout=1)
     record = next(r for r in caplog.records if r.getMessage().startswith("attempt "))
     assert "body-text" in record.body  # type: ignore[attr-defined]
+
+
+def test_hung_sync_handler_does_not_keep_the_process_alive(tmp_path: Path) -> None:
+    """Regression: handler threads were joined at interpreter exit, so a hung handler hung exit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "hang.py").write_text("import time\ndef handle(p):\n    time.sleep(3600)\n")
+    (tmp_path / "app.yaml").write_text(
+        textwrap.dedent(
+            """
+            namespace: hang
+            entries:
+              - {name: mem, kind: queue.driver.memory}
+              - {name: q, kind: queue.queue, driver: mem}
+              - {name: w, kind: queue.consumer, queue: q, handler: "hang:handle"}
+            """
+        )
+    )
+    script = textwrap.dedent(
+        """
+        import sys, time, conveyor
+        from conveyor import queue
+        sys.path.insert(0, ".")
+        app = conveyor.load("app.yaml")
+        app.start(consumers=True)
+        queue.publish("hang:q", "x")
+        time.sleep(0.3)
+        app.stop(timeout=0.2)
+        print("stopped", flush=True)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=20
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped" in proc.stdout

@@ -24,12 +24,16 @@ def pol(
     actions: str | tuple[str, ...] = "*",
     resources: str | tuple[str, ...] = "*",
     effect: str = "allow",
+    *,
     conditions: tuple[dict[str, Any], ...] = (),
     groups: tuple[str, ...] = (),
 ) -> PolicySpec:
     """A policy spec; single patterns may be given as plain strings."""
-    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
-    return PolicySpec(pid, as_tuple(actions), as_tuple(resources), effect, conditions, groups)
+    return PolicySpec(pid, _patterns(actions), _patterns(resources), effect, conditions, groups)
+
+
+def _patterns(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else value
 
 
 def engine_of(*specs: PolicySpec, strict: bool = False) -> PolicyEngine:
@@ -141,7 +145,7 @@ def test_pattern_lists_match_if_any_entry_matches(value: str, expected: bool) ->
         " app:secret",
         "app:secret\n",
         "app:secre",
-        "app:ſecret",
+        "app:\u017fecret",
     ],
 )
 def test_matching_is_exact_and_never_normalised(spelling: str) -> None:
@@ -688,10 +692,10 @@ def test_unknown_names_surface_when_a_context_is_evaluated() -> None:
 
 def test_a_bare_string_is_not_a_list_of_policies() -> None:
     with pytest.raises(errors.Error) as info:
-        SecurityContext("svc", "app:read")  # type: ignore[arg-type]
+        SecurityContext("svc", "app:read")
     assert info.value.kind == errors.INVALID
     with pytest.raises(errors.Error):
-        _grouped_engine().resolve_scope([], "ops")  # type: ignore[arg-type]
+        _grouped_engine().resolve_scope([], "ops")
 
 
 def test_scope_is_cached_per_engine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -865,7 +869,7 @@ def test_contexts_are_isolated_between_tasks() -> None:
             results = await asyncio.gather(task("t1", a, b), task("t2", b, a))
             assert security.current() is parent
         assert security.current() is None
-        return results
+        return list(results)
 
     assert asyncio.run(main()) == ["t1", "t2"]
 

@@ -18,12 +18,12 @@ import contextvars
 import inspect
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from conveyor import errors
+from conveyor.consumer.threads import HandlerThreads
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import DecodeError
@@ -103,7 +103,7 @@ class Consumer:
         self._idle: set[asyncio.Task[None]] = set()
         self._busy = 0
         self._stopping = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: HandlerThreads | None = None
         self._log_extra = {"consumer": spec.id, "queue": queue.id}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -122,9 +122,7 @@ class Consumer:
             self.queue.spec, prefetch=spec.prefetch, auto_ack=spec.auto_ack
         )
         if not self.is_async:
-            self._executor = ThreadPoolExecutor(
-                max_workers=spec.concurrency, thread_name_prefix=f"conveyor-{spec.id}"
-            )
+            self._threads = HandlerThreads(spec.concurrency, f"conveyor-{spec.id}", self.loop)
         for index in range(spec.concurrency):
             self._spawn_worker(index)
         log.info(
@@ -156,9 +154,9 @@ class Consumer:
             await self._wait_busy(busy, grace, force)
         if self._sub is not None:
             await self._sub.close()
-        if self._executor is not None:
+        if self._threads is not None:
             # Threads of handlers that outlived the grace period are abandoned, not joined.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._threads.shutdown()
         log.info("consumer %s stopped (%s)", self.spec.id, self.stats.as_dict(), extra=self._log_extra)
 
     async def _wait_busy(
@@ -254,7 +252,8 @@ class Consumer:
 
     async def _invoke_sync(self, msg: Message, payload: Any, timeout: float | None) -> None:
         ctx = contextvars.copy_context()
-        future = self.loop.run_in_executor(self._executor, ctx.run, _call_sync, self.handler, payload)
+        assert self._threads is not None
+        future = self._threads.submit(ctx, self._call_sync, payload)
         if timeout is None:
             await future
             return
@@ -273,6 +272,9 @@ class Consumer:
                 extra=self._log_extra,
             )
             await asyncio.gather(future, return_exceptions=True)
+
+    def _call_sync(self, payload: Any) -> Any:
+        return _check_sync_result(self.handler(payload))
 
     # -- settlement ------------------------------------------------------------------
 
@@ -440,8 +442,7 @@ def _timed_out(timeout: float) -> errors.Error:
     return errors.Error(errors.TIMEOUT, f"handler exceeded its {timeout:g}s timeout")
 
 
-def _call_sync(handler: Handler, payload: Any) -> Any:
-    result = handler(payload)
+def _check_sync_result(result: Any) -> Any:
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()

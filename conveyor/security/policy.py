@@ -111,8 +111,6 @@ def _equal(a: object, b: object) -> bool:
     """Value equality that never treats a bool as an int; lists and tuples compare alike."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     try:
@@ -315,7 +313,8 @@ class _Policy:
     def applies(self, request: _Request) -> bool:
         if not (self._actions.matches(request.action) and self._resources.matches(request.resource)):
             return False
-        return all(condition.holds(request) for condition in self._conditions)
+        # Most policies have no conditions: skip building a generator for them.
+        return not self._conditions or all(condition.holds(request) for condition in self._conditions)
 
 
 def _policy_problems(spec: PolicySpec) -> list[str]:

@@ -1,0 +1,66 @@
+"""A fixed pool of daemon threads for sync handlers.
+
+Why not ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one
+handler that hangs past the stop grace period would keep the process alive for ever.
+Here a stuck thread is abandoned (it is a daemon) and its late result is dropped.
+The pool is bounded: ``size`` threads, created up front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["HandlerThreads"]
+
+_Job = tuple["asyncio.Future[Any]", contextvars.Context, Callable[[Any], Any], Any]
+
+
+def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():  # cancelled while the thread ran: nobody wants the result
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+class HandlerThreads:
+    def __init__(self, size: int, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, ctx: contextvars.Context, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
+        """Run ``ctx.run(fn, arg)`` in a pool thread; the future resolves on the loop."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._jobs.put((fut, ctx, fn, arg))
+        return fut
+
+    def shutdown(self) -> None:
+        """Let idle threads exit; busy ones finish (or are abandoned) on their own."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _main(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, ctx, fn, arg = job
+            try:
+                outcome = (True, ctx.run(fn, arg))
+            except BaseException as exc:  # delivered to the awaiting worker, never lost
+                outcome = (False, exc)
+            try:
+                self._loop.call_soon_threadsafe(_resolve, fut, *outcome)
+            except RuntimeError:  # the loop is closed: the app stopped without us
+                return

@@ -46,11 +46,21 @@ def write(directory: Path, name: str, text: str) -> Path:
 
 def entries(directory: Path, text: str, *, name: str = "app.yaml") -> Path:
     """A file in namespace ``app`` whose entries are ``text`` (indented as list items)."""
-    return write(directory, name, HEADER + textwrap.dedent(text).strip("\n").replace("\n", "\n") + "\n")
+    return write(directory, name, HEADER + text.strip("\n") + "\n")
 
 
 def load(directory: Path, text: str) -> Registry:
     return load_registry(entries(directory, text))
+
+
+def base_with(fields: str = "", extra: str = "") -> str:
+    """BASE with ``fields`` added to its queue ``app:q``, then the entries ``extra``."""
+    text = item(BASE)
+    if fields:
+        text += "\n" + textwrap.indent(textwrap.dedent(fields).strip("\n"), "    ")
+    if extra:
+        text += "\n" + item(extra)
+    return text
 
 
 def problems_of(path: Path) -> list[dict[str, Any]]:
@@ -120,7 +130,11 @@ def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
         "app:store": DriverSpec(
             id="app:store",
             kind="queue.driver.sqlite",
-            options={"path": str(tmp_path.resolve() / "data" / "app.db"), "busy_timeout": 5.0, "poll_interval": 0.1},
+            options={
+                "path": str(tmp_path.resolve() / "data" / "app.db"),
+                "busy_timeout": 5.0,
+                "poll_interval": 0.1,
+            },
             where=f"{where} app:store",
         )
     }
@@ -225,7 +239,7 @@ def test_duration_fields_accept_numbers_and_strings(tmp_path: Path) -> None:
 
 
 def test_bad_duration_is_a_problem_on_its_field(tmp_path: Path) -> None:
-    found = problems(tmp_path, item(BASE) + "\n" + item("    retry: {delay: soon}"))
+    found = problems(tmp_path, base_with("retry: {delay: soon}"))
     problem = at(found, "retry.delay")
     assert problem["entry"] == "app:q"
     assert "invalid duration 'soon'" in problem["message"]
@@ -254,7 +268,11 @@ def test_sqlite_driver_fields_and_absolute_path(tmp_path: Path) -> None:
           poll_interval: 50ms
         """),
     )
-    assert registry.drivers["app:store"].options == {"path": str(db), "busy_timeout": 2.0, "poll_interval": 0.05}
+    assert registry.drivers["app:store"].options == {
+        "path": str(db),
+        "busy_timeout": 2.0,
+        "poll_interval": 0.05,
+    }
 
 
 def test_sqlite_relative_path_resolves_against_the_yaml_directory(tmp_path: Path) -> None:
@@ -264,18 +282,26 @@ def test_sqlite_relative_path_resolves_against_the_yaml_directory(tmp_path: Path
         HEADER + item("- {name: store, kind: queue.driver.sqlite, path: ../data/q.db}") + "\n",
     )
     registry = load_registry(path)
-    assert registry.drivers["app:store"].options["path"] == str((tmp_path / "conf" / "data" / "q.db").resolve())
+    assert registry.drivers["app:store"].options["path"] == str(
+        (tmp_path / "conf" / "data" / "q.db").resolve()
+    )
 
 
 @pytest.mark.parametrize("interval", ["0", "0s", "61s", "2m"])
 def test_sqlite_poll_interval_must_be_positive_and_at_most_60s(tmp_path: Path, interval: str) -> None:
-    found = problems(tmp_path, item(f"- {{name: s, kind: queue.driver.sqlite, path: a.db, poll_interval: {interval}}}"))
+    found = problems(
+        tmp_path, item(f"- {{name: s, kind: queue.driver.sqlite, path: a.db, poll_interval: {interval}}}")
+    )
     assert at(found, "poll_interval")["entry"] == "app:s"
 
 
 def test_sqlite_path_is_required(tmp_path: Path) -> None:
     problem = only(problems(tmp_path, item("- {name: s, kind: queue.driver.sqlite}")))
-    assert (problem["entry"], problem["field"], problem["message"]) == ("app:s", "path", "required field is missing")
+    assert (problem["entry"], problem["field"], problem["message"]) == (
+        "app:s",
+        "path",
+        "required field is missing",
+    )
 
 
 def test_amqp_driver_defaults_store_every_key(tmp_path: Path) -> None:
@@ -327,7 +353,11 @@ def test_amqp_driver_all_fields(tmp_path: Path) -> None:
     )
     options = registry.drivers["app:rabbit"].options
     assert options["url"] == "amqps://user:pw@broker:5671/"
-    assert (options["vhost"], options["connection_name"], options["auth_mechanism"]) == ("/prod", "worker-1", "EXTERNAL")
+    assert (options["vhost"], options["connection_name"], options["auth_mechanism"]) == (
+        "/prod",
+        "worker-1",
+        "EXTERNAL",
+    )
     assert (options["heartbeat"], options["connection_timeout"]) == (30.0, 5.0)
     assert (options["reconnect_delay"], options["reconnect_max_delay"]) == (0.5, 60.0)
     assert (options["default_message_ttl"], options["default_queue_expiry"]) == (3600.0, 7200.0)
@@ -441,16 +471,14 @@ def test_queue_all_fields(tmp_path: Path) -> None:
 
 
 def test_queue_driver_options_keep_only_given_keys(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("    driver_options: {amqp: {durable: false}}")
+    text = base_with("driver_options: {amqp: {durable: false}}")
     assert load(tmp_path, text).queues["app:q"].driver_options == {"amqp": {"durable": False}}
 
 
 def test_queue_driver_options_problems(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
+        base_with("""
             driver_options:
               redis: {max_length: 1}
               memory: {max_length: 0, maxlen: 3}
@@ -469,13 +497,13 @@ def test_queue_driver_options_problems(tmp_path: Path) -> None:
 
 
 def test_quorum_queue_cannot_be_exclusive(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("    driver_options: {amqp: {queue_type: quorum, exclusive: true}}")
+    text = base_with("driver_options: {amqp: {queue_type: quorum, exclusive: true}}")
     assert "quorum" in at(problems(tmp_path, text), "driver_options.amqp.exclusive")["message"]
 
 
 @pytest.mark.parametrize("codec", ["json", "xml/plain", "JSON/PLAIN"])
 def test_bad_codec(tmp_path: Path, codec: str) -> None:
-    problem = at(problems(tmp_path, item(BASE) + "\n" + item(f"    codec: {codec}")), "codec")
+    problem = at(problems(tmp_path, base_with(f"codec: {codec}")), "codec")
     assert "json/plain, msgpack/plain, raw" in problem["message"]
 
 
@@ -504,7 +532,7 @@ def test_dead_letter_problems(tmp_path: Path) -> None:
 
 
 def test_consumer_defaults(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("- {name: w, kind: queue.consumer, queue: q, handler: 'pkg.mod:handle'}")
+    text = base_with(extra="- {name: w, kind: queue.consumer, queue: q, handler: 'pkg.mod:handle'}")
     spec = load(tmp_path, text).consumers["app:w"]
     assert spec == ConsumerSpec(
         id="app:w",
@@ -513,15 +541,19 @@ def test_consumer_defaults(tmp_path: Path) -> None:
         base_dir=tmp_path.resolve(),
         where=spec.where,
     )
-    assert (spec.concurrency, spec.prefetch, spec.auto_ack, spec.timeout, spec.security) == (1, 10, False, None, None)
+    assert (spec.concurrency, spec.prefetch, spec.auto_ack, spec.timeout, spec.security) == (
+        1,
+        10,
+        False,
+        None,
+        None,
+    )
     assert (spec.auto_start, spec.depends_on, spec.driver_options, spec.lua_source) == (True, (), {}, None)
 
 
 def test_consumer_all_fields(tmp_path: Path) -> None:
-    text = (
-        item(BASE)
-        + "\n"
-        + item("""
+    text = base_with(
+        extra="""
         - name: readers
           kind: security.policy
           policy: {actions: "queue.*"}
@@ -543,7 +575,7 @@ def test_consumer_all_fields(tmp_path: Path) -> None:
             groups: [ops]
           driver_options: {amqp: {consumer_tag: w1, exclusive: true, no_local: false, no_wait: true}}
           lifecycle: {auto_start: false, depends_on: [first]}
-        """)
+        """
     )
     spec = load(tmp_path, text).consumers["app:w"]
     assert (spec.handler, spec.concurrency, spec.prefetch, spec.auto_ack, spec.timeout) == (
@@ -559,33 +591,37 @@ def test_consumer_all_fields(tmp_path: Path) -> None:
         policies=("app:readers", "app:readers"),
         groups=("ops",),
     )
-    assert spec.driver_options == {"amqp": {"consumer_tag": "w1", "exclusive": True, "no_local": False, "no_wait": True}}
+    assert spec.driver_options == {
+        "amqp": {"consumer_tag": "w1", "exclusive": True, "no_local": False, "no_wait": True}
+    }
     assert (spec.auto_start, spec.depends_on) == (False, ("app:first",))
 
 
 def test_consumer_actor_as_a_plain_string(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("- {name: w, kind: queue.consumer, queue: q, handler: 'a:b', security: {actor: bot}}")
+    text = base_with(
+        extra="- {name: w, kind: queue.consumer, queue: q, handler: 'a:b', security: {actor: bot}}"
+    )
     assert load(tmp_path, text).consumers["app:w"].security == SecurityBlock(actor="bot")
 
 
 def test_consumer_needs_exactly_one_handler_form(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
+        base_with(
+            extra="""
         - {name: none, kind: queue.consumer, queue: q}
         - {name: two, kind: queue.consumer, queue: q, handler: 'a:b', method: m}
-        """),
+        """
+        ),
     )
-    assert [(p["entry"], p["field"]) for p in found] == [("app:none", "func"), ("app:two", "method")]
+    assert [(p["entry"], p["field"]) for p in found] == [("app:none", "func"), ("app:two", "handler")]
     assert "one of func, method or handler is required" in found[0]["message"]
     assert "mutually exclusive" in found[1]["message"]
 
 
 @pytest.mark.parametrize("handler", ["pkg.mod", "pkg.mod:", ":f", "pkg..mod:f", "pkg.mod:f-g", "1pkg:f"])
 def test_handler_must_be_an_import_path(tmp_path: Path, handler: str) -> None:
-    text = item(BASE) + "\n" + item(f"- {{name: w, kind: queue.consumer, queue: q, handler: '{handler}'}}")
+    text = base_with(extra=f"- {{name: w, kind: queue.consumer, queue: q, handler: '{handler}'}}")
     assert "package.module:callable" in at(problems(tmp_path, text), "handler")["message"]
 
 
@@ -603,8 +639,10 @@ def test_handler_must_be_an_import_path(tmp_path: Path, handler: str) -> None:
         ("timeout", 0, "greater than 0"),
     ],
 )
-def test_consumer_out_of_range_and_wrong_type(tmp_path: Path, field: str, value: object, fragment: str) -> None:
-    text = item(BASE) + "\n" + item(f"- {{name: w, kind: queue.consumer, queue: q, handler: 'a:b', {field}: {value}}}")
+def test_consumer_out_of_range_and_wrong_type(
+    tmp_path: Path, field: str, value: object, fragment: str
+) -> None:
+    text = base_with(extra=f"- {{name: w, kind: queue.consumer, queue: q, handler: 'a:b', {field}: {value}}}")
     problem = at(problems(tmp_path, text), field)
     assert problem["entry"] == "app:w"
     assert problem["file"] == str(tmp_path / "app.yaml")
@@ -613,22 +651,23 @@ def test_consumer_out_of_range_and_wrong_type(tmp_path: Path, field: str, value:
 
 @pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 1), (1000, 10000)])
 def test_consumer_range_boundaries_are_accepted(tmp_path: Path, concurrency: int, prefetch: int) -> None:
-    line = f"- {{name: w, kind: queue.consumer, queue: q, handler: 'a:b', concurrency: {concurrency}, prefetch: {prefetch}}}"
-    spec = load(tmp_path, item(BASE) + "\n" + item(line)).consumers["app:w"]
+    line = (
+        "- {name: w, kind: queue.consumer, queue: q, handler: 'a:b', "
+        f"concurrency: {concurrency}, prefetch: {prefetch}}}"
+    )
+    spec = load(tmp_path, base_with(extra=line)).consumers["app:w"]
     assert (spec.concurrency, spec.prefetch) == (concurrency, prefetch)
 
 
 def test_method_resolves_to_a_function_entry_of_the_namespace(tmp_path: Path) -> None:
     (tmp_path / "handlers.lua").write_text("function handle_lua(p) end\n")
-    text = (
-        item(BASE)
-        + "\n"
-        + item("""
+    text = base_with(
+        extra="""
         - {name: handle_email, kind: function.python, source: 'myapp.handlers:handle_email'}
         - {name: handle_lua, kind: function.lua, source: 'file://handlers.lua', method: handle_lua}
         - {name: w1, kind: queue.consumer, queue: q, method: handle_email}
         - {name: w2, kind: queue.consumer, queue: q, method: handle_lua}
-        """)
+        """
     )
     registry = load(tmp_path, text)
     assert (registry.consumers["app:w1"].func, registry.consumers["app:w1"].method) == (
@@ -640,14 +679,20 @@ def test_method_resolves_to_a_function_entry_of_the_namespace(tmp_path: Path) ->
 
 def test_method_falls_back_to_a_lua_function_in_source(tmp_path: Path) -> None:
     write(tmp_path, "lua/worker.lua", "function handle_email(payload) end\n")
-    text = item(BASE) + "\n" + item("- {name: w, kind: queue.consumer, queue: q, method: handle_email, source: 'file://lua/worker.lua'}")
+    text = base_with(
+        extra="- {name: w, kind: queue.consumer, queue: q, method: handle_email, source: 'file://lua/worker.lua'}"
+    )
     spec = load(tmp_path, text).consumers["app:w"]
-    assert (spec.func, spec.method, spec.lua_source) == (None, "handle_email", (tmp_path / "lua" / "worker.lua").resolve())
+    assert (spec.func, spec.method, spec.lua_source) == (
+        None,
+        "handle_email",
+        (tmp_path / "lua" / "worker.lua").resolve(),
+    )
     assert spec.lua_source is not None and spec.lua_source.is_absolute()
 
 
 def test_method_without_function_entry_or_source_is_a_problem(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("- {name: w, kind: queue.consumer, queue: q, method: handle_email}")
+    text = base_with(extra="- {name: w, kind: queue.consumer, queue: q, method: handle_email}")
     problem = at(problems(tmp_path, text), "method")
     assert problem["message"] == "method handle_email: no function entry app:handle_email and no source: file"
 
@@ -655,14 +700,18 @@ def test_method_without_function_entry_or_source_is_a_problem(tmp_path: Path) ->
 def test_consumer_source_problems(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
+        base_with(
+            extra="""
         - {name: a, kind: queue.consumer, queue: q, handler: 'x:y', source: 'file://a.lua'}
         - {name: b, kind: queue.consumer, queue: q, method: m, source: 'b.lua'}
-        """),
+        """
+        ),
     )
-    assert [(p["entry"], p["field"]) for p in found] == [("app:a", "source"), ("app:a", "source"), ("app:b", "source")]
+    assert [(p["entry"], p["field"]) for p in found] == [
+        ("app:a", "source"),
+        ("app:a", "source"),
+        ("app:b", "source"),
+    ]
     assert "only used with method" in found[0]["message"]
     assert "does not exist" in found[1]["message"]
     assert "expected file://path.lua" in found[2]["message"]
@@ -671,13 +720,13 @@ def test_consumer_source_problems(tmp_path: Path) -> None:
 def test_depends_on_cycle_is_a_problem(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
+        base_with(
+            extra="""
         - {name: a, kind: queue.consumer, queue: q, handler: 'x:y', lifecycle: {depends_on: [b]}}
         - {name: b, kind: queue.consumer, queue: q, handler: 'x:y', lifecycle: {depends_on: [c]}}
         - {name: c, kind: queue.consumer, queue: q, handler: 'x:y', lifecycle: {depends_on: [app:a]}}
-        """),
+        """
+        ),
     )
     problem = only([p for p in found if "cycle" in p["message"]])
     assert problem["field"] == "lifecycle.depends_on"
@@ -685,7 +734,9 @@ def test_depends_on_cycle_is_a_problem(tmp_path: Path) -> None:
 
 
 def test_self_dependency_is_a_cycle(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("- {name: a, kind: queue.consumer, queue: q, handler: 'x:y', lifecycle: {depends_on: [a]}}")
+    text = base_with(
+        extra="- {name: a, kind: queue.consumer, queue: q, handler: 'x:y', lifecycle: {depends_on: [a]}}"
+    )
     assert "app:a -> app:a" in at(problems(tmp_path, text), "lifecycle.depends_on")["message"]
 
 
@@ -693,7 +744,9 @@ def test_self_dependency_is_a_cycle(tmp_path: Path) -> None:
 
 
 def test_python_function_on_start(tmp_path: Path) -> None:
-    text = item("- {name: boot, kind: function.python, source: 'app.setup:boot', lifecycle: {on_start: true}}")
+    text = item(
+        "- {name: boot, kind: function.python, source: 'app.setup:boot', lifecycle: {on_start: true}}"
+    )
     spec = load(tmp_path, text).functions["app:boot"]
     assert (spec.kind, spec.source, spec.on_start, spec.base_dir, spec.method) == (
         "function.python",
@@ -706,7 +759,9 @@ def test_python_function_on_start(tmp_path: Path) -> None:
 
 def test_lua_function_source_is_resolved_and_must_exist(tmp_path: Path) -> None:
     write(tmp_path, "lua/h.lua", "return {main = function() end}\n")
-    registry = load(tmp_path, item("- {name: h, kind: function.lua, source: 'file://lua/h.lua', method: main}"))
+    registry = load(
+        tmp_path, item("- {name: h, kind: function.lua, source: 'file://lua/h.lua', method: main}")
+    )
     spec = registry.functions["app:h"]
     assert (spec.source, spec.method, spec.base_dir) == (
         str((tmp_path / "lua" / "h.lua").resolve()),
@@ -803,6 +858,7 @@ def test_policy_problems(tmp_path: Path) -> None:
               - {field: actor.id, operator: eq, value_from: nowhere}
               - {field: actor.id, operator: exists, value: maybe}
               - not-a-mapping
+              - {field: meta.n, operator: lt, value: [1]}
         - name: empty
           kind: security.policy
         """),
@@ -819,6 +875,7 @@ def test_policy_problems(tmp_path: Path) -> None:
         ("app:p", "policy.conditions[6].value_from"),
         ("app:p", "policy.conditions[7].value"),
         ("app:p", "policy.conditions[8]"),
+        ("app:p", "policy.conditions[9].value"),
         ("app:empty", "policy"),
     ]
     assert "regular expression" in found[6]["message"]
@@ -913,7 +970,10 @@ def test_dangling_references(tmp_path: Path) -> None:
         ("app:w", "security.policies[0]"),
         ("app:w", "lifecycle.depends_on[0]"),
     ]
-    assert found[0]["message"] == "dangling reference app:nodriver: no entry has this ID (expected a queue.driver.* entry)"
+    assert (
+        found[0]["message"]
+        == "dangling reference app:nodriver: no entry has this ID (expected a queue.driver.* entry)"
+    )
     assert "other:nodlq" in found[1]["message"]
 
 
@@ -950,7 +1010,13 @@ def test_malformed_reference(tmp_path: Path) -> None:
 
 def test_duplicate_id_across_files_names_both_places(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", HEADER + item("- {name: mem, kind: queue.driver.memory}") + "\n")
-    write(tmp_path, "b.yaml", HEADER + item("- {name: other, kind: queue.driver.memory}\n- {id: mem, kind: queue.driver.memory}") + "\n")
+    write(
+        tmp_path,
+        "b.yaml",
+        HEADER
+        + item("- {name: other, kind: queue.driver.memory}\n- {id: mem, kind: queue.driver.memory}")
+        + "\n",
+    )
     problem = only(problems_of(tmp_path))
     assert (problem["file"], problem["entry"], problem["line"]) == (str(tmp_path / "b.yaml"), "app:mem", 5)
     assert problem["message"] == f"duplicate ID app:mem: also declared at {tmp_path / 'a.yaml'} line 4"
@@ -980,13 +1046,11 @@ def test_missing_required_fields(tmp_path: Path) -> None:
 def test_unknown_fields_are_problems_with_suggestions(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
-            retry: {dealy: 1s}
-            dead_leter: {queue: q}
-        - {name: w, kind: queue.consumer, queue: q, handler: 'a:b', concurency: 2, lifecycle: {autostart: false}}
-        """),
+        base_with(
+            "retry: {dealy: 1s}\ndead_leter: {queue: q}",
+            "- {name: w, kind: queue.consumer, queue: q, handler: 'a:b', "
+            "concurency: 2, lifecycle: {autostart: false}}",
+        ),
     )
     assert {(p["entry"], p["field"]): p["message"] for p in found} == {
         ("app:q", "dead_leter"): "unknown field (did you mean 'dead_letter'?)",
@@ -999,9 +1063,7 @@ def test_unknown_fields_are_problems_with_suggestions(tmp_path: Path) -> None:
 def test_wrong_types_of_nested_blocks(tmp_path: Path) -> None:
     found = problems(
         tmp_path,
-        item(BASE)
-        + "\n"
-        + item("""
+        base_with("""
             retry: 5s
             driver_options: [amqp]
             queue_name: 42
@@ -1015,7 +1077,7 @@ def test_wrong_types_of_nested_blocks(tmp_path: Path) -> None:
 
 
 def test_meta_is_accepted_on_every_entry_but_must_be_a_mapping(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("    meta: {owner: team-a, tags: [x]}")
+    text = base_with("meta: {owner: team-a, tags: [x]}")
     assert "app:q" in load(tmp_path, text).queues
     problem = only(problems(tmp_path, item("- {name: mem, kind: queue.driver.memory, meta: [x]}")))
     assert (problem["field"], problem["message"]) == ("meta", "expected a mapping, got a list")
@@ -1061,9 +1123,13 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert type(options["url"]) is str
 
 
-def test_missing_env_variable_is_one_problem_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_env_variable_is_one_problem_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NO_SUCH_URL", raising=False)
-    found = problems(tmp_path, item("- {name: r, kind: queue.driver.amqp, url: '${NO_SUCH_URL}', heartbeat: '${'}"))
+    found = problems(
+        tmp_path, item("- {name: r, kind: queue.driver.amqp, url: '${NO_SUCH_URL}', heartbeat: '${'}")
+    )
     assert [(p["entry"], p["field"]) for p in found] == [("app:r", "url"), ("app:r", "heartbeat")]
     assert "environment variable NO_SUCH_URL is not set" in found[0]["message"]
     assert "malformed variable reference" in found[1]["message"]
@@ -1071,7 +1137,11 @@ def test_missing_env_variable_is_one_problem_naming_it(tmp_path: Path, monkeypat
 
 def test_env_in_namespace_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NS", "tenant1")
-    path = write(tmp_path, "app.yaml", "namespace: ${NS}\nentries:\n  - {name: '${NS}_mem', kind: queue.driver.memory}\n")
+    path = write(
+        tmp_path,
+        "app.yaml",
+        "namespace: ${NS}\nentries:\n  - {name: '${NS}_mem', kind: queue.driver.memory}\n",
+    )
     assert set(load_registry(path).drivers) == {"tenant1:tenant1_mem"}
 
 
@@ -1084,7 +1154,11 @@ def test_directory_loading_is_recursive_and_sorted(tmp_path: Path) -> None:
     write(tmp_path, "a/deeper/c.yaml", "namespace: c\nentries:\n  - {name: mem, kind: queue.driver.memory}\n")
     write(tmp_path, "notes.txt", "not: [yaml")
     registry = load_registry(tmp_path)
-    assert registry.files == (tmp_path / "a" / "deeper" / "c.yaml", tmp_path / "a" / "z.yml", tmp_path / "b.yaml")
+    assert registry.files == (
+        tmp_path / "a" / "deeper" / "c.yaml",
+        tmp_path / "a" / "z.yml",
+        tmp_path / "b.yaml",
+    )
     assert list(registry.drivers) == ["c:mem", "a:mem", "b:mem"]
 
 
@@ -1143,13 +1217,17 @@ def test_yaml_syntax_error_reports_file_and_line(tmp_path: Path) -> None:
 
 
 def test_duplicate_yaml_keys_are_problems_with_lines(tmp_path: Path) -> None:
-    text = item(BASE) + "\n" + item("- name: w\n  kind: queue.consumer\n  queue: q\n  handler: 'a:b'\n  handler: 'c:d'")
+    text = base_with(
+        extra="- name: w\n  kind: queue.consumer\n  queue: q\n  handler: 'a:b'\n  handler: 'c:d'"
+    )
     problem = only(problems(tmp_path, text))
-    assert (problem["entry"], problem["field"], problem["line"]) == ("app:w", "handler", 12)
-    assert "duplicate key 'handler' (first at line 11" in problem["message"]
+    assert (problem["entry"], problem["field"], problem["line"]) == ("app:w", "handler", 13)
+    assert "duplicate key 'handler' (first at line 12" in problem["message"]
 
 
-def test_problems_carry_lines_and_the_message_lists_them_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_problems_carry_lines_and_the_message_lists_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NOPE", raising=False)
     path = entries(
         tmp_path,
@@ -1182,12 +1260,18 @@ def test_problems_carry_lines_and_the_message_lists_them_all(tmp_path: Path, mon
     assert lines[0] == "3 problems in configuration:"
     assert lines[1].startswith(f"  {path}: entry app:emails: field retry.delay: invalid duration 'forever'")
     assert lines[1].endswith("(line 10)")
-    assert lines[3] == f"  {path}: entry app:w: field concurrency: must be between 1 and 1000, got 0 (line 15)"
+    assert (
+        lines[3] == f"  {path}: entry app:w: field concurrency: must be between 1 and 1000, got 0 (line 15)"
+    )
 
 
 def test_problems_from_several_files_are_reported_together(tmp_path: Path) -> None:
     write(tmp_path, "one.yaml", HEADER + item("- {name: q1, kind: queue.queue}") + "\n")
-    write(tmp_path, "two/two.yaml", HEADER + item("- {name: q2, kind: queue.queue, driver: q1, codec: xml}") + "\n")
+    write(
+        tmp_path,
+        "two/two.yaml",
+        HEADER + item("- {name: q2, kind: queue.queue, driver: q1, codec: xml}") + "\n",
+    )
     found = problems_of(tmp_path)
     assert [(Path(p["file"]).name, p["entry"], p["field"]) for p in found] == [
         ("one.yaml", "app:q1", "driver"),

@@ -918,11 +918,12 @@ def _condition(f: _Fields) -> dict[str, Any]:
         condition["value"] = f.get("value", _boolean, True)
         return condition
     # `value: null` is a real value here (compare with null), hence present() not has().
-    if f.present("value") == f.present("value_from"):
+    has_value, has_source = f.present("value"), f.present("value_from")
+    if has_value == has_source:
         f.report("give exactly one of value and value_from", "value")
-    if f.present("value_from"):
+    if has_source:
         condition["value_from"] = f.get("value_from", _condition_field, "")
-    else:
+    if has_value:
         condition["value"] = _condition_value(f, operator)
     return condition
 
@@ -1075,6 +1076,7 @@ def _load_document(top: _Scope, document: Any) -> None:
     if security is not None and security.get("strict", _boolean, False):
         top.load.strict_security = True
     namespace = f.need("namespace", _string)
+    f.raw("entries")  # read below, unsubstituted; named here so that typos of it get a suggestion
     f.done()
     if namespace is not None and not ids.is_valid_namespace(namespace):
         f.report(f"malformed namespace {namespace!r}", "namespace")
@@ -1138,7 +1140,8 @@ def _resolve_method(spec: ConsumerSpec, load: _Load) -> ConsumerSpec:
     declared = load.declared.get(candidate)
     if declared is not None and declared.kind in FUNCTION_KINDS:
         return dataclasses.replace(spec, func=candidate)
-    if spec.lua_source is None:
+    source_reported = any(p["entry"] == spec.id and p["field"] == "source" for p in load.problems)
+    if spec.lua_source is None and not source_reported:  # a bad source: is problem enough
         scope = load.scopes.get(spec.id)
         if scope is not None:
             scope.report(

@@ -111,6 +111,8 @@ def _equal(a: object, b: object) -> bool:
     """Value equality that never treats a bool as an int; lists and tuples compare alike."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     try:

@@ -830,11 +830,9 @@ def _security_block(f: _Fields | None) -> SecurityBlock | None:
 
 def _actor(f: _Fields) -> tuple[str | None, dict[str, Any]]:
     """``actor: some-id`` or ``actor: {id: some-id, meta: {...}}``."""
-    value = f.raw("actor")
-    if isinstance(value, Mapping):
-        sub = f.sub("actor")
-        assert sub is not None
-        return sub.need("id", _string), sub.get("meta", _mapping, {})
+    actor = f.sub("actor") if isinstance(f.raw("actor"), Mapping) else None
+    if actor is not None:
+        return actor.need("id", _string), actor.get("meta", _mapping, {})
     return f.get("actor", _string, None), {}
 
 
@@ -960,12 +958,13 @@ KINDS: tuple[str, ...] = tuple(_PARSERS)
 
 
 def _id(f: _Fields) -> str:
-    # Parsers run only for entries whose label is known; an entry without a valid ID
-    # is still parsed (its field problems matter) under its "entries[i]" label.
+    # An entry whose name is a problem is still parsed, so that its field problems are
+    # reported too; its spec carries the "entries[i]" label and is never returned.
     return f.scope.id or f.scope.label
 
 
 def _load_entry(file: _FileCtx, load: _Load, index: int, raw: Any) -> None:
+    """Phase one for ``entries[index]``: substitute, identify, declare, parse its kind."""
     scope = _Scope(load, file, ("entries", index), label=f"entries[{index}]")
     pending: list[tuple[_Path, str, int | None]] = [
         (path[2:], message, line)
@@ -1015,6 +1014,7 @@ def _identify(f: _Fields) -> None:
 
 
 def _declare(scope: _Scope) -> None:
+    """Record the entry's ID for reference checks; a second declaration is a problem."""
     if scope.id is None:
         return
     line = scope.line_of(())
@@ -1031,6 +1031,7 @@ def _declare(scope: _Scope) -> None:
 
 
 def _load_file(path: Path, load: _Load) -> None:
+    """Phase one for one file: read, parse, check the top level, then each entry."""
     file = _FileCtx(path=path, base_dir=path.resolve().parent)
     load.files.append(path)
     top = _Scope(load, file, ())
@@ -1049,6 +1050,7 @@ def _load_file(path: Path, load: _Load) -> None:
 
 
 def _report_yaml_error(top: _Scope, exc: yaml.YAMLError) -> None:
+    """One problem for a file PyYAML cannot read, with the line where it stopped."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line = mark.line + 1 if mark is not None else None
     if isinstance(exc, yaml.MarkedYAMLError):
@@ -1056,7 +1058,7 @@ def _report_yaml_error(top: _Scope, exc: yaml.YAMLError) -> None:
     else:
         detail = str(exc)
     where = f"line {line}, column {mark.column + 1}: " if mark is not None else ""
-    top.load.add(top.file.path, "", (), f"YAML syntax error: {where}{detail}", line)
+    top.report((), f"YAML syntax error: {where}{detail}", line)
 
 
 def _load_document(top: _Scope, document: Any) -> None:

@@ -32,7 +32,13 @@ def enqueue_welcome_emails() -> int:
 
 def send_email(payload: dict[str, str]) -> None:
     msg = queue.message()
-    if payload["to"].endswith(".invalid.example") or payload["to"].endswith("@invalid.example"):
+    if payload["to"].endswith("@invalid.example"):
         raise MailboxUnavailable(f"550 mailbox unavailable: {payload['to']}")
     time.sleep(0.01)  # the SMTP round trip
-    log.info("sent %s email to %s (message %s, attempt %d)", payload["template"], payload["to"], msg.id, msg.attempts)
+    log.info(
+        "sent %s email to %s (message %s, attempt %d)",
+        payload["template"],
+        payload["to"],
+        msg.id,
+        msg.attempts,
+    )

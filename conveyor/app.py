@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from functools import partial
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -48,6 +49,16 @@ log = logging.getLogger("conveyor.app")
 T = TypeVar("T")
 
 DEFAULT_GRACE = 30.0
+
+
+def _problem(where: str, entry: str, field: str, message: str) -> dict[str, Any]:
+    file = where.partition(": entry ")[0] if ": entry " in where else ""
+    return {"file": file, "entry": entry, "field": field, "message": message, "line": None}
+
+
+def _problem_line(problem: dict[str, Any]) -> str:
+    head = f"{problem['file']}: entry {problem['entry']}" if problem["file"] else f"entry {problem['entry']}"
+    return f"{head}: field {problem['field']}: {problem['message']}"
 
 
 class _Ids:
@@ -167,7 +178,7 @@ class App:
         self._loop = asyncio.get_running_loop()
         self._force_stop = asyncio.Event()
         try:
-            self._preflight(consumers)
+            self.preflight(consumers)
             await self._open_drivers()
             await self._declare_queues()
         except BaseException:
@@ -193,24 +204,45 @@ class App:
         qctx.unregister_started(self)
         self._loop = None
 
-    def _preflight(self, consumers: bool) -> None:
-        """Resolve every driver class and handler before anything opens; report all problems."""
-        problems: list[str] = []
+    def preflight(self, consumers: bool = True) -> None:
+        """Resolve every driver class and (with ``consumers``) every handler without starting.
+
+        Raises one INVALID error listing every problem (``details["problems"]`` holds
+        dicts with ``file``, ``entry``, ``field`` and ``message``). ``start`` runs this
+        first, so nothing is opened for an app that cannot run; ``conveyor check``
+        runs it to catch import errors before deployment.
+        """
+        problems: list[dict[str, Any]] = []
         for spec in self.registry.drivers.values():
             try:
                 driver_class(spec.kind)
             except errors.Error as exc:
-                problems.append(f"{spec.where or spec.id}: {exc.message}")
+                problems.append(_problem(spec.where, spec.id, "kind", exc.message))
         if consumers:
             for cspec in self.registry.consumers.values():
-                if not cspec.auto_start:
-                    continue
-                try:
-                    self._handler_for(cspec)
-                except errors.Error as exc:
-                    problems.append(exc.message)
+                if cspec.auto_start:
+                    field = "func" if cspec.func else "handler" if cspec.handler else "method"
+                    self._check_resolves(
+                        problems, cspec.where, cspec.id, field, partial(self._handler_for, cspec)
+                    )
+            for fspec in self.registry.functions.values():
+                if fspec.on_start:
+                    self._check_resolves(
+                        problems, fspec.where, fspec.id, "source", partial(self._function, fspec.id)
+                    )
         if problems:
-            raise errors.invalid("cannot start the app:\n  " + "\n  ".join(problems), problems=problems)
+            lines = [_problem_line(p) for p in problems]
+            raise errors.invalid("cannot start the app:\n  " + "\n  ".join(lines), problems=problems)
+
+    @staticmethod
+    def _check_resolves(
+        problems: list[dict[str, Any]], where: str, entry: str, field: str, resolve: Callable[[], Any]
+    ) -> None:
+        try:
+            resolve()
+        except errors.Error as exc:
+            message = exc.message.removeprefix(f"{where}: ").removeprefix(f"{entry}: ")
+            problems.append(_problem(where, entry, field, message))
 
     async def _open_drivers(self) -> None:
         for spec in self.registry.drivers.values():
@@ -524,6 +556,10 @@ class App:
                 exc.kind, f"item {index}: {exc.message}", details={**exc.details, "index": index}
             ) from None
         return Outgoing(_ids.next(), body, headers)
+
+    def info(self, queue_id: str) -> dict[str, Any]:
+        """Blocking form of :meth:`ainfo` (usable whether or not this app is current)."""
+        return self._blocking(self.ainfo(queue_id), "app.ainfo")
 
     async def ainfo(self, queue_id: str) -> dict[str, Any]:
         if asyncio.get_running_loop() is not self._loop:

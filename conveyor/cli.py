@@ -49,7 +49,6 @@ DEFAULT_CONFIG = "conveyor.yaml"
 USAGE_KINDS = frozenset({errors.INVALID, errors.NOT_FOUND})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POLL_INTERVAL = 0.1  # seconds between idleness checks of `run --until-idle`
-THREAD_JOIN_WAIT = 0.5  # seconds to let finished worker threads exit before exiting
 
 CONSUMER_COLUMNS = (
     ("DELIVERED", "delivered"),
@@ -306,9 +305,9 @@ class Runner:
     settle: float = 0.5
     timeout: float | None = None
     grace: float | None = None
-    signals: int = 0
-    stopping: bool = False
-    _stop: threading.Event = field(default_factory=threading.Event)
+    signals: int = field(default=0, init=False)
+    stopping: bool = field(default=False, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
 
     def run(self) -> RunOutcome:
         started = time.monotonic()
@@ -431,7 +430,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     with app:
         queue.publish(qid, data, headers or None)
     if args.json:
-        _print_json({"ok": True, "queue": qid})
+        _print_json({"ok": True, "queue": qid, "headers": headers})
     else:
         _out(f"published to {qid}")
     return EXIT_OK
@@ -507,6 +506,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = resolve_config(args.path)
     try:
         app = conveyor.load(path)
+        app.preflight(consumers=True)  # drivers available, handlers importable
     except errors.Error as exc:
         if not args.json:
             raise
@@ -553,20 +553,20 @@ exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error, 130 interru
 
 def _common_flags(suppress: bool) -> argparse.ArgumentParser:
     """``--debug`` and ``--log-level``, accepted before and after the command name."""
-    default: Any = argparse.SUPPRESS if suppress else None
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug",
         action="store_true",
-        default=default if suppress else False,
+        default=argparse.SUPPRESS if suppress else False,
         help="print full tracebacks on errors (and log at DEBUG unless --log-level is given)",
     )
     common.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
-        default=default,
-        help="log level on stderr (default: INFO for run, WARNING otherwise)",
+        default=argparse.SUPPRESS if suppress else None,
+        metavar="LEVEL",
+        help=f"log level on stderr: {', '.join(LOG_LEVELS)} (default: INFO for run, WARNING otherwise)",
     )
     return common
 
@@ -710,28 +710,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
-def _exit_if_threads_linger(code: int) -> None:
-    """Exit now if handler threads outlived their grace period (they would block exit)."""
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    deadline = time.monotonic() + THREAD_JOIN_WAIT
-    for thread in others:
-        thread.join(max(deadline - time.monotonic(), 0.0))
-    lingering = [t.name for t in others if t.is_alive()]
-    if not lingering:
-        return
-    log.warning("exiting without waiting for %d handler thread(s): %s", len(lingering), ", ".join(lingering))
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``conveyor`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
-
-    Called as the console script (``argv`` is None), a process whose handler threads
-    outlived the stop's grace period exits without waiting for them.
-    """
+    """Run the ``conveyor`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -740,7 +720,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     configure_logging(_log_level(args))
-    code = _run_command(args)
-    if argv is None:
-        _exit_if_threads_linger(code)
-    return code
+    return _run_command(args)

@@ -171,12 +171,17 @@ class Consumer:
             fut.cancel()
         left = [t for t in busy if not t.done()]
         if left:
+            why = (
+                "the stop was forced"
+                if force is not None and force.is_set()
+                else f"the {grace:.1f}s grace period is over"
+            )
             log.warning(
-                "consumer %s: %d handler(s) still running after the %.1fs grace period; "
+                "consumer %s: %d handler(s) still running and %s; "
                 "cancelling them, their messages go back to the queue",
                 self.spec.id,
                 len(left),
-                grace,
+                why,
                 extra=self._log_extra,
             )
             for task in left:

@@ -284,20 +284,36 @@ def test_unresolvable_handler_is_reported_before_anything_starts(tmp_path: Path)
     assert not app.running
 
 
-def test_unimplemented_driver_is_invalid_naming_what_is_missing(tmp_path: Path) -> None:
+def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import conveyor.drivers as drivers
+
+    monkeypatch.setitem(drivers._DRIVERS, "queue.driver.memory", ("conveyor.drivers.nope", "X", None))
     h = Harness(tmp_path)
-    h.entries[0] = {"name": "drv", "kind": "queue.driver.amqp"}
     h.queue("tasks")
     app = h.load()
-    try:
-        import conveyor.drivers.amqp  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(errors.Error) as info:
-            app.start()
-        assert info.value.kind == errors.INVALID
-        assert "queue.driver.amqp" in info.value.message
-    else:  # pragma: no cover - once the AMQP driver exists this case no longer applies
-        pytest.skip("the AMQP driver is implemented")
+    with pytest.raises(errors.Error) as info:
+        app.start()
+    assert info.value.kind == errors.INVALID
+    assert "queue.driver.memory is not available" in info.value.message
+    assert "conveyor.drivers.nope" in info.value.message
+    assert not app.running
+
+
+def test_missing_client_library_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import conveyor.drivers as drivers
+
+    (tmp_path / "fake_driver_mod.py").write_text("import conveyor_absent_client_lib\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_driver_mod", raising=False)
+    monkeypatch.setitem(drivers._DRIVERS, "queue.driver.memory", ("fake_driver_mod", "X", "amqp"))
+    with pytest.raises(errors.Error) as info:
+        drivers.driver_class("queue.driver.memory")
+    assert "conveyor_absent_client_lib" in info.value.message
+    assert "pip install 'conveyor[amqp]'" in info.value.message
 
 
 # -- security integration --------------------------------------------------------------------

@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from conveyor.consumer.threads import HandlerThreads
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import DecodeError
-from conveyor.queue.context import message_var
+from conveyor.queue.context import deadline_var, message_var
 from conveyor.queue.message import Message
 from conveyor.registry.model import ConsumerSpec
 
@@ -118,8 +119,12 @@ class Consumer:
 
     async def start(self) -> None:
         spec = self.spec
-        self._sub = await self.queue.driver.subscribe(
-            self.queue.spec, prefetch=spec.prefetch, auto_ack=spec.auto_ack
+        driver = self.queue.driver
+        self._sub = await driver.subscribe(
+            self.queue.spec,
+            prefetch=spec.prefetch,
+            auto_ack=spec.auto_ack,
+            options=spec.driver_options.get(driver.kind.rsplit(".", 1)[-1], {}),
         )
         if not self.is_async:
             self._threads = HandlerThreads(spec.concurrency, f"conveyor-{spec.id}", self.loop)
@@ -223,6 +228,8 @@ class Consumer:
             return
         msg = Message(self, delivery, payload, settled=self.spec.auto_ack)
         token = message_var.set(msg)
+        if self.spec.timeout is not None:
+            deadline_var.set(time.monotonic() + self.spec.timeout)
         failure: BaseException | None = None
         try:
             await self._invoke(msg, payload)

@@ -14,6 +14,7 @@ has to make those operations durable (and, where the backend allows, atomic).
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -140,8 +141,14 @@ class Driver(abc.ABC):
         """Store every message of ``batch``; return only once they are stored."""
 
     @abc.abstractmethod
-    async def subscribe(self, queue: QueueSpec, *, prefetch: int, auto_ack: bool) -> Subscription:
-        """Attach a consumer. With ``auto_ack`` a delivery is settled when handed out."""
+    async def subscribe(
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+    ) -> Subscription:
+        """Attach a consumer. With ``auto_ack`` a delivery is settled when handed out.
+
+        ``options`` is the consumer's ``driver_options`` section for this driver
+        (e.g. ``driver_options.amqp`` for the AMQP driver), already validated.
+        """
 
     @abc.abstractmethod
     async def info(self, queue: QueueSpec) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from conveyor import errors
@@ -241,7 +242,9 @@ class MemoryDriver(Driver):
         for out in batch:
             q.put(_Stored(out.id, out.body, out.headers))
 
-    async def subscribe(self, queue: QueueSpec, *, prefetch: int, auto_ack: bool) -> Subscription:
+    async def subscribe(
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+    ) -> Subscription:
         q = self._queue(queue)
         sub = _MemorySubscription(self._queues, q, prefetch, auto_ack)
         q.subscriptions.add(sub)

@@ -22,6 +22,7 @@ __all__ = [
     "current_app",
     "current_app_or_none",
     "current_message",
+    "deadline_var",
     "entered_app",
     "message_var",
     "register_started",
@@ -30,6 +31,10 @@ __all__ = [
 
 entered_app: ContextVar[App | None] = ContextVar("conveyor_app", default=None)
 message_var: ContextVar[Message | None] = ContextVar("conveyor_message", default=None)
+# When the running handler must finish, in ``time.monotonic()`` seconds (None: no
+# timeout). Handlers that cannot be cancelled from outside (a sync or Lua handler in a
+# thread) may poll it to stop cooperatively.
+deadline_var: ContextVar[float | None] = ContextVar("conveyor_deadline", default=None)
 
 _started: list[App] = []
 _started_lock = threading.Lock()

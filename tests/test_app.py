@@ -287,7 +287,7 @@ def test_unresolvable_handler_is_reported_before_anything_starts(tmp_path: Path)
 def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import conveyor.drivers as drivers
+    from conveyor import drivers
 
     monkeypatch.setitem(drivers._DRIVERS, "queue.driver.memory", ("conveyor.drivers.nope", "X", None))
     h = Harness(tmp_path)
@@ -304,7 +304,7 @@ def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
 def test_missing_client_library_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    import conveyor.drivers as drivers
+    from conveyor import drivers
 
     (tmp_path / "fake_driver_mod.py").write_text("import conveyor_absent_client_lib\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -106,6 +106,7 @@ class App:
         self._force_stop: asyncio.Event | None = None
         self._stop_requested = threading.Event()
         self._signals = 0
+        self._on_start_done = False
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -201,6 +202,7 @@ class App:
         await self.astop_consumers(timeout)
         await self._close_drivers()
         self.running = False
+        self._on_start_done = False
         qctx.unregister_started(self)
         self._loop = None
 
@@ -219,12 +221,10 @@ class App:
             except errors.Error as exc:
                 problems.append(_problem(spec.where, spec.id, "kind", exc.message))
         if consumers:
-            for cspec in self.registry.consumers.values():
-                if cspec.auto_start:
-                    field = "func" if cspec.func else "handler" if cspec.handler else "method"
-                    self._check_resolves(
-                        problems, cspec.where, cspec.id, field, partial(self._handler_for, cspec)
-                    )
+            for cspec in self._consumer_order(None):  # auto_start ones and their dependencies
+                field = "func" if cspec.func else "handler" if cspec.handler else "method"
+                resolve = partial(self._handler_for, cspec)
+                self._check_resolves(problems, cspec.where, cspec.id, field, resolve)
             for fspec in self.registry.functions.values():
                 if fspec.on_start:
                     self._check_resolves(
@@ -291,7 +291,8 @@ class App:
         wanted = self._consumer_order(ids)
         for spec in wanted:
             await self._start_consumer(spec)
-        if ids is None:
+        if ids is None and not self._on_start_done:
+            self._on_start_done = True
             await self._run_on_start()
 
     async def _start_consumer(self, spec: ConsumerSpec) -> None:
@@ -515,15 +516,16 @@ class App:
     def _enter_context(self, security_context: Any) -> None:
         """Set the contextvars a consumer's workers run with (called inside their Context)."""
         qctx.entered_app.set(self)
-        if security_context is not None:
-            activate_security(security_context)
+        # Always set it, None included: handlers must not inherit the security context
+        # of whoever happened to start the consumers.
+        activate_security(security_context)
 
     async def apublish(self, queue_id: str, data: Any, headers: Mapping[str, Any] | None = None) -> bool:
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.apublish(queue_id, data, headers))
         qid = canonical_id(queue_id)
         check_data(data)
-        checked = check_headers(headers) if headers else {}
+        checked = check_headers(headers) if headers is not None else {}
         self._engine.check_publish(current_security(), qid)
         bound = self._bound_queue(qid)
         body = bound.codec.encode(data)
@@ -536,7 +538,7 @@ class App:
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.apublish_many(queue_id, items, headers))
         qid = canonical_id(queue_id)
-        common = check_headers(headers) if headers else {}
+        common = check_headers(headers) if headers is not None else {}
         self._engine.check_publish(current_security(), qid)
         bound = self._bound_queue(qid)
         batch = [self._outgoing(bound, index, item, common) for index, item in enumerate(items)]
@@ -549,7 +551,7 @@ class App:
         data, extra = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
         try:
             check_data(data)
-            headers = {**common, **check_headers(extra)} if extra else dict(common)
+            headers = {**common, **check_headers(extra)} if extra is not None else dict(common)
             body = bound.codec.encode(data)
         except errors.Error as exc:
             raise errors.Error(

@@ -498,3 +498,74 @@ def test_hung_sync_handler_does_not_keep_the_process_alive(tmp_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stderr
     assert "stopped" in proc.stdout
+
+
+def test_consumer_without_security_block_does_not_inherit_the_starters_context(tmp_path: Path) -> None:
+    """Regression: workers copied the security context active where the app was started."""
+    h = Harness(tmp_path)
+    inbox = h.queue("inbox")
+    seen: list[Any] = []
+    h.consumer("w", "inbox", lambda _p: seen.append(security.current()))
+    _policy(h, "all", "*")
+    app = h.load()
+    with security.context("operator", policies=[h.qid("all")]):
+        app.start(consumers=True)
+    try:
+        queue.publish(inbox, "x")
+        wait_until(lambda: len(seen) == 1)
+    finally:
+        app.stop()
+    assert seen == [None]
+
+
+def test_on_start_functions_run_once_per_start(tmp_path: Path) -> None:
+    """Regression: a second start_consumers() re-ran every on_start function."""
+    h = Harness(tmp_path)
+    h.queue("tasks")
+    calls: list[int] = []
+    h.add(
+        name="seed",
+        kind="function.python",
+        source=install(lambda: calls.append(1)),
+        lifecycle={"on_start": True},
+    )
+    app = h.load()
+    app.start(consumers=True)
+    try:
+        app.start_consumers()
+        assert calls == [1]
+    finally:
+        app.stop()
+    app.start(consumers=True)
+    app.stop()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("headers", [[], "", 0, ["a"]])
+def test_non_mapping_headers_are_invalid_even_when_falsy(tmp_path: Path, headers: Any) -> None:
+    """Regression: falsy non-mappings were taken as "no headers"."""
+    h = Harness(tmp_path)
+    q = h.queue("tasks")
+    with h.load(), pytest.raises(errors.Error) as info:
+        queue.publish(q, "x", headers)
+    assert info.value.kind == errors.INVALID
+
+
+def test_preflight_covers_dependencies_that_are_not_auto_started(tmp_path: Path) -> None:
+    """Regression: a depends_on target with auto_start false was started but never preflighted."""
+    h = Harness(tmp_path)
+    h.queue("tasks")
+    h.add(
+        name="dep",
+        kind="queue.consumer",
+        queue="tasks",
+        handler="absent_mod_xyz:h",
+        lifecycle={"auto_start": False},
+    )
+    h.consumer("main", "tasks", lambda _p: None, lifecycle={"depends_on": ["dep"]})
+    app = h.load()
+    with pytest.raises(errors.Error) as info:
+        app.start(consumers=True)
+    assert info.value.message.startswith("cannot start the app:")  # caught before anything opened
+    assert "absent_mod_xyz" in info.value.message
+    assert not app.running

@@ -557,6 +557,7 @@ def test_consumer_all_fields(tmp_path: Path) -> None:
         - name: readers
           kind: security.policy
           policy: {actions: "queue.*"}
+          groups: [ops]
         - name: first
           kind: queue.consumer
           queue: q
@@ -1102,6 +1103,7 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
           connection_name: "conveyor-${GROUP}-$${NOT_A_VAR}"
           heartbeat: ${UNSET_T:-5s}
         - {name: q, kind: queue.queue, driver: rabbit}
+        - {name: ops_policy, kind: security.policy, policy: {actions: "*"}, groups: [ops]}
         - name: w
           kind: queue.consumer
           queue: q
@@ -1150,13 +1152,13 @@ def test_env_in_namespace_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_directory_loading_is_recursive_and_sorted(tmp_path: Path) -> None:
     write(tmp_path, "b.yaml", "namespace: b\nentries:\n  - {name: mem, kind: queue.driver.memory}\n")
-    write(tmp_path, "a/z.yml", "namespace: a\nentries:\n  - {name: mem, kind: queue.driver.memory}\n")
+    write(tmp_path, "a/z.yaml", "namespace: a\nentries:\n  - {name: mem, kind: queue.driver.memory}\n")
     write(tmp_path, "a/deeper/c.yaml", "namespace: c\nentries:\n  - {name: mem, kind: queue.driver.memory}\n")
     write(tmp_path, "notes.txt", "not: [yaml")
     registry = load_registry(tmp_path)
     assert registry.files == (
         tmp_path / "a" / "deeper" / "c.yaml",
-        tmp_path / "a" / "z.yml",
+        tmp_path / "a" / "z.yaml",
         tmp_path / "b.yaml",
     )
     assert list(registry.drivers) == ["c:mem", "a:mem", "b:mem"]
@@ -1302,3 +1304,83 @@ def test_warnings(tmp_path: Path) -> None:
     assert "entry app:q: dead-letter queue app:dlq uses codec raw, not json/plain" in text
     assert "entry app:q: dead-letter queue app:dlq is on driver app:other, not app:mem" in text
     assert "not atomic" in text
+
+
+def test_consumer_security_group_must_exist(tmp_path: Path) -> None:
+    text = base_with(
+        extra="""
+        - name: w
+          kind: queue.consumer
+          queue: q
+          handler: pkg.mod:handle
+          security: {actor: svc, groups: [publisher]}
+        """
+    )
+    with pytest.raises(errors.Error) as info:
+        load(tmp_path, text)
+    problem = info.value.details["problems"][0]
+    assert problem["field"] == "security.groups[0]"
+    assert "unknown policy group 'publisher'" in problem["message"]
+
+
+def test_condition_field_with_empty_segment_is_a_load_problem(tmp_path: Path) -> None:
+    text = base_with(
+        extra="""
+        - name: p
+          kind: security.policy
+          policy:
+            actions: "*"
+            conditions: [{field: meta.a..b, operator: eq, value: 1}]
+        """
+    )
+    with pytest.raises(errors.Error) as info:
+        load(tmp_path, text)
+    problems = info.value.details["problems"]
+    assert len(problems) == 1 and problems[0]["field"].endswith("field")
+
+
+def test_exists_with_value_from_is_reported_once(tmp_path: Path) -> None:
+    text = base_with(
+        extra="""
+        - name: p
+          kind: security.policy
+          policy:
+            actions: "*"
+            conditions: [{field: meta.a, operator: exists, value_from: actor.id}]
+        """
+    )
+    with pytest.raises(errors.Error) as info:
+        load(tmp_path, text)
+    assert [p["message"] for p in info.value.details["problems"]] == ["exists takes no value_from"]
+
+
+@pytest.mark.parametrize("text", ["1s1s", "30m1h", "5ms1s"])
+def test_duration_units_run_from_large_to_small_once(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_directory_loads_only_yaml_and_skips_hidden_directories(tmp_path: Path) -> None:
+    (tmp_path / "app.yaml").write_text("namespace: app\nentries:\n  - {name: m, kind: queue.driver.memory}\n")
+    (tmp_path / "other.yml").write_text("this: [is not conveyor\n")
+    hidden = tmp_path / ".github"
+    hidden.mkdir()
+    (hidden / "ci.yaml").write_text("on: push\n")
+    registry = load_registry(tmp_path)
+    assert list(registry.drivers) == ["app:m"]
+    assert [p.name for p in registry.files] == ["app.yaml"]
+
+
+def test_shared_queue_name_and_small_max_delay_warn(tmp_path: Path) -> None:
+    text = base_with(
+        extra="""
+        - name: alias
+          kind: queue.queue
+          driver: mem
+          queue_name: q
+          retry: {delay: 10s, max_delay: 1s}
+        """
+    )
+    warnings = " ".join(load(tmp_path, text).warnings)
+    assert "share one physical queue" in warnings
+    assert "below retry.delay" in warnings

@@ -48,10 +48,15 @@ def _parse_text(text: str) -> float:
         return float(text)
     total = 0.0
     position = 0
+    previous = math.inf  # units must go from larger to smaller, each at most once
     for match in _PART.finditer(text):
         if match.start() != position:
             break  # a gap means something that is not a part sits in between
-        total += float(match.group(1)) * _UNITS[match.group(2)]
+        unit = _UNITS[match.group(2)]
+        if unit >= previous:
+            raise ValueError(f"invalid duration {text!r}: units must run from h to ms, each once")
+        previous = unit
+        total += float(match.group(1)) * unit
         position = match.end()
     if position == 0 or position != len(text):
         raise ValueError(f"invalid duration {text!r}: {_HINT}")

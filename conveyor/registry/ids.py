@@ -36,8 +36,10 @@ def canonical_id(value: object, *, what: str = "queue ID") -> str:
     """
     if value.__class__ is str and value in _known:
         return value
-    if not isinstance(value, str) or not value:
-        raise errors.invalid(f"{what} is empty", value=_printable(value))
+    if not isinstance(value, str):
+        raise errors.invalid(f"{what} must be a string, not {type(value).__name__}", value=_printable(value))
+    if not value:
+        raise errors.invalid(f"{what} is empty", value=value)
     if _ID_RE.fullmatch(value) is None:
         raise errors.invalid(
             f"malformed {what} {value!r}: expected 'namespace:name' "

@@ -66,7 +66,7 @@ OPERATORS = ("eq", "ne", "lt", "gt", "in", "exists", "contains", "matches")
 TLS_STRING_KEYS = ("server_name", "cert", "key", "ca", "cert_env", "key_env", "ca_env")
 TLS_PATH_KEYS = ("cert", "key", "ca")
 
-_CONDITION_FIELD = re.compile(r"actor\.id|action|resource|(?:actor\.)?meta\.\S+")
+_CONDITION_FIELD = re.compile(r"actor\.id|action|resource|(?:actor\.)?meta(?:\.[^.\s]+)+")
 _FILE_PREFIX = "file://"
 
 
@@ -911,7 +911,8 @@ def _condition(f: _Fields) -> dict[str, Any]:
     }
     operator = condition["operator"]
     if operator == "exists":
-        if f.has("value_from"):
+        if f.present("value_from"):
+            f.raw("value_from")  # known field, wrong here: one problem, not two
             f.report("exists takes no value_from", "value_from")
         condition["value"] = f.get("value", _boolean, True)
         return condition
@@ -1107,9 +1108,16 @@ def _load_entries(top: _Scope, entries: Any) -> None:
 
 
 def _discover(path: Path) -> list[Path]:
-    """The YAML files at ``path``: the file itself, or every ``*.yaml``/``*.yml`` under it."""
+    """The YAML files at ``path``: the file itself, or every ``*.yaml`` under it (SPEC §1).
+
+    Hidden directories (``.git``, ``.github``, ...) are skipped: they hold other tools' YAML.
+    """
     if path.is_dir():
-        found = [p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()]
+        found = [
+            p
+            for p in path.rglob("*.yaml")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1])
+        ]
         return sorted(found, key=lambda p: p.relative_to(path).parts)
     return [path] if path.exists() else []
 
@@ -1152,6 +1160,20 @@ def _resolve_method(spec: ConsumerSpec, load: _Load) -> ConsumerSpec:
     return spec
 
 
+def _check_security_groups(registry: Registry, load: _Load) -> None:
+    """A consumer's ``security.groups`` must name groups some policy belongs to."""
+    known = {group for policy in registry.policies.values() for group in policy.groups}
+    for consumer in registry.consumers.values():
+        block = consumer.security
+        for index, group in enumerate(block.groups if block is not None else ()):
+            scope = load.scopes.get(consumer.id)
+            if group not in known and scope is not None:
+                scope.report(
+                    ("security", "groups", index),
+                    f"unknown policy group {group!r}: no security.policy entry lists it in groups",
+                )
+
+
 def _check_cycles(consumers: Mapping[str, ConsumerSpec], load: _Load) -> None:
     """Report each ``depends_on`` cycle once, on the consumer where it is first entered."""
     state: dict[str, str] = {}  # "active" while on the DFS stack, then "done"
@@ -1186,6 +1208,19 @@ def _warnings(registry: Registry) -> tuple[str, ...]:
             found.append(
                 f"{consumer.where}: prefetch {consumer.prefetch} < concurrency {consumer.concurrency}: "
                 "workers will idle"
+            )
+    shared: dict[tuple[str, str], str] = {}
+    for queue in registry.queues.values():
+        other = shared.setdefault((queue.driver, queue.queue_name), queue.id)
+        if other != queue.id:
+            found.append(
+                f"{queue.where}: queue_name {queue.queue_name!r} on driver {queue.driver} is also used by "
+                f"{other}: both entries share one physical queue"
+            )
+        if 0 < queue.retry.max_delay < queue.retry.delay:
+            found.append(
+                f"{queue.where}: retry.max_delay {queue.retry.max_delay:g}s is below retry.delay "
+                f"{queue.retry.delay:g}s: every retry waits max_delay"
             )
     for queue in registry.queues.values():
         dead = registry.queues.get(queue.dead_letter.queue) if queue.dead_letter else None
@@ -1225,6 +1260,7 @@ def _build(load: _Load) -> Registry:
         files=tuple(load.files),
     )
     _check_cycles(registry.consumers, load)
+    _check_security_groups(registry, load)
     return dataclasses.replace(registry, warnings=_warnings(registry))
 
 
@@ -1234,8 +1270,8 @@ def _build(load: _Load) -> Registry:
 def load_registry(path: str | os.PathLike[str]) -> Registry:
     """Load, validate and cross-reference the YAML file or directory at ``path``.
 
-    A directory means every ``*.yaml`` and ``*.yml`` file under it, recursively, in
-    sorted order. ``${VAR}`` / ``${VAR:-default}`` are replaced from ``os.environ``
+    A directory means every ``*.yaml`` file under it, recursively (hidden directories
+    skipped), in sorted order. ``${VAR}`` / ``${VAR:-default}`` are replaced from ``os.environ``
     (``$${`` writes a literal ``${``). Returns the :class:`Registry`; raises one
     INVALID :class:`errors.Error` listing every problem found in every file otherwise
     (``details["problems"]``: dicts with ``file``, ``entry``, ``field``, ``message``,
@@ -1244,7 +1280,7 @@ def load_registry(path: str | os.PathLike[str]) -> Registry:
     root = Path(path)
     files = _discover(root)
     if not files:
-        reason = "no *.yaml or *.yml files in this directory" if root.is_dir() else "no such file"
+        reason = "no *.yaml files in this directory" if root.is_dir() else "no such file"
         problem = {"file": str(root), "entry": "", "field": "", "message": reason, "line": None}
         raise _invalid([problem])
     load = _Load()

@@ -106,6 +106,8 @@ class Consumer:
         self._stopping = False
         self._threads: HandlerThreads | None = None
         self._log_extra = {"consumer": spec.id, "queue": queue.id}
+        # The common case (async handler, no timeout) skips a layer of coroutines.
+        self._fast = self.is_async and spec.timeout is None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -232,7 +234,10 @@ class Consumer:
             deadline_var.set(time.monotonic() + self.spec.timeout)
         failure: BaseException | None = None
         try:
-            await self._invoke(msg, payload)
+            if self._fast:
+                await self.handler(payload)
+            else:
+                await self._invoke(msg, payload)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -244,9 +249,18 @@ class Consumer:
         finally:
             message_var.reset(token)
         try:
-            await self._auto_settle(msg, delivery, failure)
+            if failure is None and not self.spec.auto_ack and msg._try_claim():
+                await self._ack_or_log(delivery)
+            else:
+                await self._auto_settle(msg, delivery, failure)
         finally:
             msg._release()
+
+    async def _ack_or_log(self, delivery: Delivery) -> None:
+        try:
+            await self.settle_ok(delivery)
+        except errors.Error as exc:
+            self._log_settle_error(delivery, exc)
 
     async def _invoke(self, msg: Message, payload: Any) -> None:
         timeout = self.spec.timeout
@@ -313,15 +327,18 @@ class Consumer:
             else:
                 await self.settle_failed(delivery, error_text(failure))
         except errors.Error as exc:
-            # The driver could not settle: the message stays unsettled and the driver
-            # hands it out again (lease expiry / channel close / subscription close).
-            log.error(
-                "could not settle message %s on %s: %s",
-                delivery.id,
-                self.queue.id,
-                exc,
-                extra={**self._log_extra, "message_id": delivery.id},
-            )
+            self._log_settle_error(delivery, exc)
+
+    def _log_settle_error(self, delivery: Delivery, exc: errors.Error) -> None:
+        # The driver could not settle: the message stays unsettled and the driver
+        # hands it out again (lease expiry / channel close / subscription close).
+        log.error(
+            "could not settle message %s on %s: %s",
+            delivery.id,
+            self.queue.id,
+            exc,
+            extra={**self._log_extra, "message_id": delivery.id, "error": str(exc)},
+        )
 
     async def settle_ok(self, delivery: Delivery) -> None:
         assert self._sub is not None

@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,10 @@ class HandlerThreads:
     def __init__(self, size: int, name: str, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Finished jobs wait here; one loop wake-up drains all that finished meanwhile.
+        self._done: deque[tuple[asyncio.Future[Any], bool, Any]] = deque()
+        self._drain_pending = False
+        self._lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._main, name=f"{name}-{i}", daemon=True) for i in range(size)
         ]
@@ -57,10 +62,26 @@ class HandlerThreads:
                 return
             fut, ctx, fn, arg = job
             try:
-                outcome = (True, ctx.run(fn, arg))
+                self._done.append((fut, True, ctx.run(fn, arg)))
             except BaseException as exc:  # delivered to the awaiting worker, never lost
-                outcome = (False, exc)
-            try:
-                self._loop.call_soon_threadsafe(_resolve, fut, *outcome)
-            except RuntimeError:  # the loop is closed: the app stopped without us
+                self._done.append((fut, False, exc))
+            if not self._schedule_drain():
                 return
+
+    def _schedule_drain(self) -> bool:
+        with self._lock:
+            if self._drain_pending:
+                return True
+            self._drain_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the app stopped without us
+            return False
+        return True
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._drain_pending = False
+        done = self._done
+        while done:
+            _resolve(*done.popleft())

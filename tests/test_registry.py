@@ -134,6 +134,8 @@ def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
                 "path": str(tmp_path.resolve() / "data" / "app.db"),
                 "busy_timeout": 5.0,
                 "poll_interval": 0.1,
+                "synchronous": "full",
+                "lease_duration": 30.0,
             },
             where=f"{where} app:store",
         )
@@ -266,12 +268,16 @@ def test_sqlite_driver_fields_and_absolute_path(tmp_path: Path) -> None:
           path: {db}
           busy_timeout: 2s
           poll_interval: 50ms
+          synchronous: normal
+          lease_duration: 1m
         """),
     )
     assert registry.drivers["app:store"].options == {
         "path": str(db),
         "busy_timeout": 2.0,
         "poll_interval": 0.05,
+        "synchronous": "normal",
+        "lease_duration": 60.0,
     }
 
 

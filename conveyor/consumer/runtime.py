@@ -223,6 +223,8 @@ class Consumer:
 
     async def _process(self, delivery: Delivery) -> None:
         self.stats.delivered += 1
+        if await self._exhausted(delivery):
+            return
         try:
             payload = self.queue.codec.decode(delivery.body)
         except DecodeError as exc:
@@ -261,6 +263,23 @@ class Consumer:
             await self.settle_ok(delivery)
         except errors.Error as exc:
             self._log_settle_error(delivery, exc)
+
+    async def _exhausted(self, delivery: Delivery) -> bool:
+        """Attempts beyond ``max_attempts`` mean earlier ones never settled (the consumer
+        died mid-handler): dead-letter now instead of letting a poison message kill
+        every worker that takes it. Returns True when the delivery was taken care of."""
+        dead_letter = self.queue.spec.dead_letter
+        if dead_letter is None or self.spec.auto_ack or delivery.attempts <= dead_letter.max_attempts:
+            return False
+        reason = (
+            f"attempts exhausted: delivered {delivery.attempts} times (max_attempts "
+            f"{dead_letter.max_attempts}) without being settled; a consumer probably died handling it"
+        )
+        self.stats.failed += 1
+        if not await self._dead_letter(delivery, reason):
+            assert self._sub is not None
+            await self._sub.nack(delivery, self.queue.spec.retry.max_delay)
+        return True
 
     async def _invoke(self, msg: Message, payload: Any) -> None:
         timeout = self.spec.timeout

@@ -618,6 +618,9 @@ def _sqlite_driver(f: _Fields) -> DriverSpec:
         "path": str(path) if path is not None else "",
         "busy_timeout": f.get("busy_timeout", _duration(), 5.0),
         "poll_interval": f.get("poll_interval", _duration(positive=True, maximum=60.0), 0.1),
+        # conveyor extensions (docs/sqlite.md): durability level and lease length
+        "synchronous": f.get("synchronous", _choice("full", "normal", "off"), "full"),
+        "lease_duration": f.get("lease_duration", _duration(positive=True, maximum=86400.0), 30.0),
     }
     return DriverSpec(id=_id(f), kind=SQLITE, options=options, where=f.scope.where)
 

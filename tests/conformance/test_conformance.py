@@ -883,3 +883,33 @@ def test_stop_after_grace_returns_unfinished_messages(harness: Harness) -> None:
     assert info["in_flight"] == 0
     assert info["ready"] == 1
     app.stop()
+
+
+def test_message_whose_attempts_never_settled_is_dead_lettered_without_running(harness: Harness) -> None:
+    """A delivery beyond max_attempts means earlier consumers died mid-handler: dead-letter it."""
+    calls: list[Any] = []
+    dlq_sink = Sink()
+    q = harness.queue("poison", dead_letter={"queue": "poison_dlq", "max_attempts": 2})
+    harness.queue("poison_dlq")
+    harness.consumer("worker", "poison", calls.append)
+    harness.consumer("dlq_worker", "poison_dlq", dlq_sink.record)
+    with harness.load() as app:
+        queue.publish(q, "kills its worker")
+        bound = app._bound_queue(q)
+
+        async def lease_and_vanish() -> int:
+            # What a consumer that dies mid-handler leaves behind: a delivery that was
+            # handed out (an attempt) and never settled.
+            sub = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})
+            delivery = await asyncio.wait_for(sub.get(), 10)
+            assert delivery is not None
+            await sub.close()
+            return delivery.attempts
+
+        seen = [asyncio.run_coroutine_threadsafe(lease_and_vanish(), app.loop).result(15) for _ in range(2)]
+        assert seen == [1, 2]
+        app.start_consumers()
+        wait_until(lambda: len(dlq_sink) == 1)
+    assert calls == []
+    assert dlq_sink.headers[0]["attempts"] == 3
+    assert "attempts exhausted" in str(dlq_sink.headers[0]["x_dead_letter_reason"])

@@ -143,7 +143,8 @@ def test_info_reports_counts(harness: Harness) -> None:
 def test_info_counts_in_flight_and_consumers(harness: Harness) -> None:
     gate = threading.Event()
     q = harness.queue("inflight")
-    harness.consumer("worker", "inflight", lambda _p: gate.wait(10), concurrency=2)
+    # prefetch == concurrency: prefetched messages count as in flight on every driver
+    harness.consumer("worker", "inflight", lambda _p: gate.wait(10), concurrency=2, prefetch=2)
     app = harness.load()
     app.start(consumers=True)
     try:

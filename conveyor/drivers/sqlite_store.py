@@ -133,7 +133,11 @@ def translate(exc: sqlite3.Error, path: str) -> errors.Error:
     if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
         return errors.internal(f"cannot open SQLite file {path}: {text}", retryable=False, path=path)
     if name.startswith("SQLITE_IOERR"):
-        return errors.internal(f"I/O error on SQLite file {path}: {text}", path=path)
+        return errors.internal(
+            f"I/O error on SQLite file {path} ({name}): {text}; check that the file is writable "
+            "and the disk healthy",
+            path=path,
+        )
     return errors.internal(f"SQLite error on {path}: {text}", path=path)
 
 
@@ -179,6 +183,7 @@ class Database:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.commits = 0  # write transactions committed (observability and tests)
 
     async def open(self) -> None:
         """Open (creating the file and schema if needed) and check the file; raise on failure."""
@@ -319,6 +324,7 @@ class Database:
                 except errors.Error as exc:
                     outcomes.append((job.future, False, exc))
             conn.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             _rollback(conn)
             failure = translate(exc, self.path)

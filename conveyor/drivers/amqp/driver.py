@@ -1,0 +1,398 @@
+"""``queue.driver.amqp``: RabbitMQ (AMQP 0-9-1) through aiormq.
+
+One connection per driver (kept up by :class:`Link`), one confirm-mode channel
+shared by every publisher (confirms are pipelined: many publishes wait on the same
+channel at once), one channel for declarations and counts, and one channel per
+consumer. See docs/rabbitmq.md for the topology and the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import aiormq
+import aiormq.exceptions as amqp_exc
+from aiormq.abc import AbstractChannel
+from pamqp import commands as spec
+
+from conveyor import errors
+from conveyor.drivers.amqp._errors import describe, publish_error
+from conveyor.drivers.amqp._headers import encode_headers, republished
+from conveyor.drivers.amqp._link import Link
+from conveyor.drivers.amqp._subscription import AmqpSubscription
+from conveyor.drivers.amqp._topology import (
+    REDECLARE_AFTER,
+    Declaration,
+    Difference,
+    apply_difference,
+    delay_declaration,
+    mismatch_error,
+    parse_difference,
+    queue_declaration,
+)
+from conveyor.drivers.base import Capabilities, Delivery, Driver, Outgoing, Subscription
+from conveyor.registry.model import DriverSpec, QueueSpec
+
+__all__ = ["AmqpDriver"]
+
+log = logging.getLogger("conveyor.drivers.amqp")
+
+_MAX_DIAGNOSIS_STEPS = 12
+
+
+class AmqpDriver(Driver):
+    """RabbitMQ driver: confirmed publishes, delay-queue retries, confirmed dead letters."""
+
+    kind = "queue.driver.amqp"
+    capabilities = Capabilities(
+        durable=True,
+        atomic_batches=False,
+        atomic_dead_letter=False,
+        max_length=True,
+        cross_process=True,
+        native_delay=True,
+    )
+
+    def __init__(self, spec: DriverSpec) -> None:
+        super().__init__(spec)
+        self.link = Link(spec.options, name=f"conveyor {spec.id}")
+        self._declared: dict[str, Declaration] = {}  # queue_name -> source declaration
+        self._specs: dict[str, QueueSpec] = {}
+        self._delays_of: dict[str, dict[str, Declaration]] = {}  # queue_name -> its delay queues
+        self._delay_fresh: dict[str, float] = {}  # delay queue -> when this process last declared it
+        self._subs: set[AmqpSubscription] = set()
+        self._publish_channel: AbstractChannel | None = None
+        self._rpc_channel: AbstractChannel | None = None
+        self._channel_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.link.open()
+        self.link.add_listener(self)
+
+    async def close(self) -> None:
+        for sub in list(self._subs):
+            await sub.close()
+        await self.link.close()
+        self._publish_channel = self._rpc_channel = None
+
+    def link_down(self) -> None:
+        self._publish_channel = self._rpc_channel = None
+        self._delay_fresh = {}  # re-declare delay queues before the next use (they may be gone)
+
+    async def link_up(self) -> None:
+        for name, decl in list(self._declared.items()):
+            try:
+                await self._declare(self._specs[name], decl)
+            except errors.Error as exc:
+                log.error("re-declaring %s after reconnecting failed: %s", self._specs[name].id, exc)
+
+    def forget(self, sub: AmqpSubscription) -> None:
+        self._subs.discard(sub)
+        self.link.remove_listener(sub)
+
+    def qos_for(self, prefetch: int) -> int:
+        """``basic.qos`` for a consumer: its prefetch, lowered to ``prefetch_count`` if set."""
+        cap = self.spec.options.get("prefetch_count")
+        return min(prefetch, cap) if cap else prefetch
+
+    # -- channels ----------------------------------------------------------------------------
+
+    async def _channel(self, confirms: bool) -> AbstractChannel:
+        current = self._publish_channel if confirms else self._rpc_channel
+        if current is not None and not current.is_closed:
+            return current
+        async with self._channel_lock:
+            current = self._publish_channel if confirms else self._rpc_channel
+            if current is None or current.is_closed:
+                current = await self.link.channel(confirms=confirms)
+                if confirms:
+                    self._publish_channel = current
+                else:
+                    self._rpc_channel = current
+            return current
+
+    # -- declaring ---------------------------------------------------------------------------
+
+    async def declare(self, queue: QueueSpec) -> None:
+        decl = queue_declaration(queue, self.spec.options)
+        await self._declare(queue, decl)
+        self._declared[queue.queue_name] = decl
+        self._specs[queue.queue_name] = queue
+
+    async def _declare(self, queue: QueueSpec, decl: Declaration) -> spec.Queue.DeclareOk:
+        try:
+            return await self._queue_declare(decl)
+        except amqp_exc.ChannelPreconditionFailed as exc:
+            raise await self._mismatch(queue, decl, exc) from None
+        except Exception as exc:
+            raise self.declare_error(queue, exc, "declare") from None
+
+    async def _queue_declare(self, decl: Declaration, *, passive: bool = False) -> spec.Queue.DeclareOk:
+        channel = await self._channel(confirms=False)
+        async with asyncio.timeout(self.link.timeout):
+            return await channel.queue_declare(
+                decl.name,
+                passive=passive,
+                durable=decl.durable,
+                exclusive=decl.exclusive,
+                auto_delete=decl.auto_delete,
+                arguments=decl.arguments,
+            )
+
+    async def _mismatch(
+        self, queue: QueueSpec, decl: Declaration, first: amqp_exc.ChannelPreconditionFailed
+    ) -> errors.Error:
+        """Find every argument that differs from the existing queue (the broker names one per try).
+
+        Each step re-declares with the broker's value for the argument it named, which
+        never changes the existing queue: an equivalent declaration is a no-op.
+        """
+        reply = _reply_text(first)
+        trial = Declaration(decl.name, decl.durable, decl.auto_delete, decl.exclusive, dict(decl.arguments))
+        found: list[Difference] = []
+        exc: BaseException | None = first
+        for _ in range(_MAX_DIAGNOSIS_STEPS):
+            diff = parse_difference(_reply_text(exc)) if exc is not None else None
+            if diff is None or diff in found or not apply_difference(trial, diff):
+                break
+            found.append(diff)
+            try:
+                await self._queue_declare(trial)
+                exc = None
+            except amqp_exc.ChannelPreconditionFailed as again:
+                exc = again
+            except Exception:
+                break
+        return mismatch_error(queue, found, reply)
+
+    def declare_error(self, queue: QueueSpec, exc: BaseException, action: str) -> errors.Error:
+        """Translate a failure to declare / consume ``queue``."""
+        if isinstance(exc, errors.Error):
+            return exc
+        text = f"cannot {action} queue {queue.id} ({queue.queue_name!r}): {describe(exc)}"
+        if isinstance(exc, amqp_exc.ChannelAccessRefused):
+            return errors.permission_denied(text, queue=queue.id)
+        if isinstance(exc, amqp_exc.ChannelLockedResource):
+            return errors.Error(
+                errors.CONFLICT,
+                text + " (an exclusive queue or consumer held by another connection)",
+                details={"queue": queue.id},
+            )
+        if isinstance(exc, amqp_exc.ChannelNotFoundEntity):
+            return errors.internal(text + " (the queue does not exist on the broker)", queue=queue.id)
+        return errors.internal(text, queue=queue.id)
+
+    def _declaration(self, queue: QueueSpec) -> Declaration:
+        try:
+            return self._declared[queue.queue_name]
+        except KeyError:
+            raise errors.not_found(
+                f"queue {queue.id} is not declared on this driver", queue=queue.id
+            ) from None
+
+    async def _delay_queue(self, queue: QueueSpec, delay: float) -> str:
+        """The delay queue for ``delay`` seconds, declared recently enough not to expire."""
+        source = self._declaration(queue)
+        decl = delay_declaration(source, max(round(delay * 1000), 1))
+        declared_at = self._delay_fresh.get(decl.name)
+        if declared_at is None or time.monotonic() - declared_at > REDECLARE_AFTER:
+            await self._declare(queue, decl)
+            self._delay_fresh[decl.name] = time.monotonic()
+            self._delays_of.setdefault(queue.queue_name, {})[decl.name] = decl
+        return decl.name
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(self, queue: QueueSpec, batch: list[Outgoing]) -> None:
+        """Publish ``batch`` persistently; return once the broker confirmed every message.
+
+        On failure: INTERNAL (retryable) with ``details["stored"]`` = the indexes the
+        broker did confirm (publishes are not atomic on AMQP).
+        """
+        decl = self._declaration(queue)
+        encoded = [encode_headers(out.headers, out.id) for out in batch]  # INVALID before sending
+        full = "x-max-length" in decl.arguments
+        if len(batch) == 1:
+            enc = encoded[0]
+            await self._confirmed(
+                queue,
+                routing_key=decl.name,
+                body=batch[0].body,
+                properties=enc.properties,
+                mandatory=enc.mandatory,
+                full=full,
+                stored=[],
+            )
+            return
+        sends = [
+            self._confirmed(
+                queue,
+                routing_key=decl.name,
+                body=out.body,
+                properties=enc.properties,
+                mandatory=enc.mandatory,
+                full=full,
+                stored=None,
+            )
+            for out, enc in zip(batch, encoded, strict=True)
+        ]
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+        if failed:
+            first = results[failed[0]]
+            assert isinstance(first, BaseException)
+            if not isinstance(first, errors.Error):
+                raise first
+            stored = [i for i in range(len(batch)) if i not in set(failed)]
+            raise errors.internal(
+                f"{first.message} (batch: {len(stored)} of {len(batch)} confirmed)",
+                **{**first.details, "stored": stored, "failed": failed},
+            )
+
+    async def publish_raw(self, queue: QueueSpec, body: bytes, properties: spec.Basic.Properties) -> None:
+        """Republish a delivered message's body and properties to ``queue`` (confirmed)."""
+        decl = self._declaration(queue)
+        await self._confirmed(
+            queue,
+            routing_key=decl.name,
+            body=body,
+            properties=properties,
+            mandatory=True,
+            full="x-max-length" in decl.arguments,
+            stored=[],
+        )
+
+    async def retry(
+        self, queue: QueueSpec, delivery: Delivery, properties: spec.Basic.Properties, delay: float
+    ) -> None:
+        """Park a failed delivery for ``delay`` s (0: straight back), its attempts recorded."""
+        copy = republished(properties, delivery.attempts, keep_expiration=delay <= 0)
+        if delay <= 0:
+            await self.publish_raw(queue, delivery.body, copy)
+            return
+        name = await self._delay_queue(queue, delay)
+        await self._confirmed(
+            queue,
+            routing_key=name,
+            body=delivery.body,
+            properties=copy,
+            mandatory=True,
+            full=False,
+            stored=[],
+        )
+
+    async def _confirmed(
+        self,
+        queue: QueueSpec,
+        *,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        mandatory: bool,
+        full: bool,
+        stored: list[int] | None,
+    ) -> None:
+        """One persistent publish, returning after the broker's ack; bounded by the link timeout."""
+        try:
+            async with asyncio.timeout(self.link.timeout):
+                channel = cast(aiormq.Channel, await self._channel(confirms=True))
+                # wait=False: do not wait for the socket to drain; the confirm is what counts.
+                result = await channel.basic_publish(
+                    body, routing_key=routing_key, properties=properties, mandatory=mandatory, wait=False
+                )
+        except errors.Error as exc:
+            raise _with_stored(exc, stored) from None
+        except TimeoutError as exc:
+            if not self.link.is_up:
+                raise _with_stored(self.link.unreachable(), stored) from None
+            raise publish_error(exc, queue.id, full=full, **_stored(stored)) from None
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            raise publish_error(exc, queue.id, full=full, **_stored(stored)) from None
+        if not isinstance(result, spec.Basic.Ack):  # aiormq raises on a nack; be sure anyway
+            raise publish_error(
+                amqp_exc.DeliveryError(None, spec.Basic.Nack()), queue.id, full=full, **_stored(stored)
+            )
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def subscribe(
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+    ) -> Subscription:
+        self._declaration(queue)
+        sub = AmqpSubscription(self, queue, prefetch=prefetch, auto_ack=auto_ack, options=options)
+        await sub.attach()
+        self._subs.add(sub)
+        self.link.add_listener(sub)
+        return sub
+
+    # -- counting ----------------------------------------------------------------------------
+
+    async def queue_counts(self, queue: QueueSpec) -> spec.Queue.DeclareOk:
+        """The broker's ``queue.declare-ok`` counts (ready messages, consumers) for ``queue``."""
+        decl = self._declaration(queue)
+        try:
+            return await self._queue_declare(decl, passive=True)
+        except Exception as exc:
+            raise self.declare_error(queue, exc, "count") from None
+
+    async def info(self, queue: QueueSpec) -> dict[str, Any]:
+        """Counts: the broker's ready messages and consumers, this process's deliveries, delays.
+
+        ``ready`` = ready on the broker + delivered to this process but not yet handed
+        to a handler; ``in_flight`` = handed to this process's handlers, unsettled;
+        ``delayed`` = waiting in the delay queues this process has used;
+        ``message_count`` = all three. Unacked deliveries of *other* processes are not
+        visible through AMQP and are not counted.
+        """
+        counts = await self.queue_counts(queue)
+        subs = [s for s in self._subs if s.queue_name == queue.queue_name]
+        buffered = sum(s.buffered for s in subs)
+        in_flight = sum(s.in_flight for s in subs)
+        delayed = await self._delayed(queue)
+        ready = int(counts.message_count or 0) + buffered
+        return {
+            "message_count": ready + in_flight + delayed,
+            "ready": ready,
+            "in_flight": in_flight,
+            "delayed": delayed,
+            "consumer_count": int(counts.consumer_count or 0),
+            "queue_name": queue.queue_name,
+        }
+
+    async def _delayed(self, queue: QueueSpec) -> int:
+        total = 0
+        for name, decl in sorted(self._delays_of.get(queue.queue_name, {}).items()):
+            # A plain (not passive) declare: it cannot fail on a queue that expired meanwhile.
+            with contextlib.suppress(errors.Error):
+                total += int((await self._declare(queue, decl)).message_count or 0)
+                self._delay_fresh[name] = time.monotonic()
+        return total
+
+
+def _reply_text(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    if exc.args and isinstance(exc.args[-1], str):
+        return exc.args[-1]
+    return str(exc)
+
+
+def _stored(stored: list[int] | None) -> dict[str, Any]:
+    return {} if stored is None else {"stored": stored}
+
+
+def _with_stored(exc: errors.Error, stored: list[int] | None) -> errors.Error:
+    if stored is None or "stored" in exc.details:
+        return exc
+    return errors.Error(
+        exc.kind, exc.message, retryable=exc.retryable, details={**exc.details, "stored": stored}
+    )

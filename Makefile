@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf examples/quickstart/data
 	$(BIN)/conveyor run examples/quickstart --until-idle
 
 test: lint typecheck pytest

@@ -32,6 +32,8 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/memory_throughput.py
+	$(BIN)/python benchmarks/sqlite_throughput.py
+	$(BIN)/python benchmarks/lua_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -354,7 +354,7 @@ class App:
                 kind="function.lua",
                 source=str(spec.lua_source),
                 method=spec.method,
-                base_dir=spec.lua_source.parent,
+                base_dir=spec.base_dir or spec.lua_source.parent,  # require() looks next to the YAML
                 where=spec.where,
             )
             return resolve_function(lua_spec)

@@ -1,0 +1,1 @@
+local queue = require("queue")

@@ -1,0 +1,7 @@
+queue.publish("app:notifications", {
+    type = "order_shipped",
+    order_id = order.id
+}, {
+    priority = "high",
+    correlation_id = request_id
+})

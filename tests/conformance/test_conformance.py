@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from conveyor import errors, queue
+from conveyor import App, errors, queue
 from tests.support.harness import Harness, capabilities
 from tests.support.waiting import wait_until
+
+
+@contextlib.contextmanager
+def running(harness: Harness, stop_timeout: float | None = None) -> Iterator[App]:
+    """The harness's app, started with its consumers, stopped on the way out."""
+    app = harness.load()
+    app.start(consumers=True)
+    try:
+        yield app
+    finally:
+        app.stop(stop_timeout)
 
 
 class Sink:
@@ -65,30 +78,22 @@ def test_publish_then_consume_async_handler(harness: Harness) -> None:
 
     q = harness.queue("tasks")
     harness.consumer("worker", "tasks", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, ["a", 1, 2.5, True])
         wait_until(lambda: len(sink) == 1)
         assert sink.items == [["a", 1, 2.5, True]]
-    finally:
-        app.stop()
 
 
 def test_many_messages_unique_ids_no_loss_no_duplicates(harness: Harness) -> None:
     sink = Sink()
     q = harness.queue("bulk")
     harness.consumer("worker", "bulk", sink.record, concurrency=4, prefetch=20)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         total = 1000
         for i in range(total):
             queue.publish(q, {"n": i})
         wait_until(lambda: len(sink) >= total, timeout=30)
         assert app.wait_idle(timeout=10)
-    finally:
-        app.stop()
     assert sorted(item["n"] for item in sink.items) == list(range(total))
     assert len(set(sink.ids)) == total
     assert set(sink.attempts) == {1}
@@ -100,16 +105,12 @@ def test_queues_are_isolated(harness: Harness) -> None:
     qb = harness.queue("b")
     harness.consumer("wa", "a", a_sink.record)
     harness.consumer("wb", "b", b_sink.record)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         for i in range(5):
             queue.publish(qa, {"q": "a", "i": i})
         queue.publish(qb, {"q": "b"})
         wait_until(lambda: len(a_sink) == 5 and len(b_sink) == 1)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
     assert {item["q"] for item in a_sink.items} == {"a"}
     assert b_sink.items == [{"q": "b"}]
 
@@ -175,14 +176,10 @@ def test_nack_redelivers_with_attempts_incremented(harness: Harness) -> None:
 
     q = harness.queue("flaky")
     harness.consumer("worker", "flaky", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, {"job": 1})
         wait_until(lambda: len(sink) == 3)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
     assert sink.attempts == [1, 2, 3]
     assert len(set(sink.ids)) == 1
 
@@ -198,14 +195,10 @@ def test_explicit_nack_redelivers(harness: Harness) -> None:
 
     q = harness.queue("nacked")
     harness.consumer("worker", "nacked", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "again")
         wait_until(lambda: len(sink) == 2)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
     assert sink.attempts == [1, 2]
 
 
@@ -218,13 +211,9 @@ def test_retry_backoff_timing(harness: Harness) -> None:
 
     q = harness.queue("backoff", retry={"delay": "100ms", "backoff": 2.0, "max_delay": "250ms"})
     harness.consumer("worker", "backoff", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness, stop_timeout=1):
         queue.publish(q, "x")
         wait_until(lambda: len(sink) >= 4, timeout=10)
-    finally:
-        app.stop(timeout=1)
     gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)][:3]
     # delays: 0.1 (attempt 1), 0.2 (attempt 2), capped 0.25 (attempt 3)
     for gap, expected in zip(gaps, [0.1, 0.2, 0.25], strict=True):
@@ -241,16 +230,12 @@ def test_dead_letter_after_max_attempts_with_headers(harness: Harness) -> None:
     harness.queue("emails_dlq")
     harness.consumer("worker", "emails", fail)
     harness.consumer("dlq_worker", "emails_dlq", dlq_sink.record)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         before = time.time()
         queue.publish(q, {"to": "x@example.com"}, {"correlation_id": "req-9", "tries": 7, "vip": True})
         wait_until(lambda: len(dlq_sink) == 1)
         assert app.wait_idle(timeout=5)
         assert queue.info(q)["message_count"] == 0
-    finally:
-        app.stop()
     headers = dlq_sink.headers[0]
     assert dlq_sink.items == [{"to": "x@example.com"}]
     assert headers["x_original_queue"] == q
@@ -277,17 +262,13 @@ def test_early_ack_then_raise_is_not_redelivered(harness: Harness) -> None:
 
     q = harness.queue("early_ack")
     harness.consumer("worker", "early_ack", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "once")
         wait_until(lambda: len(sink) == 1)
         assert app.wait_idle(timeout=5)
         time.sleep(0.1)
         assert len(sink) == 1
         assert queue.info(q)["message_count"] == 0
-    finally:
-        app.stop()
 
 
 def test_double_ack_is_invalid(harness: Harness) -> None:
@@ -307,13 +288,9 @@ def test_double_ack_is_invalid(harness: Harness) -> None:
 
     q = harness.queue("double")
     harness.consumer("worker", "double", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x")
         wait_until(lambda: len(outcomes) == 2)
-    finally:
-        app.stop()
     for exc in outcomes:
         assert exc.kind == errors.INVALID
         assert "already settled" in exc.message
@@ -333,13 +310,9 @@ def test_async_double_ack_is_invalid(harness: Harness) -> None:
 
     q = harness.queue("adouble")
     harness.consumer("worker", "adouble", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x")
         wait_until(lambda: len(outcomes) == 1)
-    finally:
-        app.stop()
     assert outcomes[0].kind == errors.INVALID and "already settled" in outcomes[0].message
 
 
@@ -347,9 +320,7 @@ def test_message_use_after_release_is_invalid(harness: Harness) -> None:
     kept: list[Any] = []
     q = harness.queue("released")
     harness.consumer("worker", "released", lambda _p: kept.append(queue.message()))
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(kept) == 1)
         assert app.wait_idle(timeout=5)
@@ -359,8 +330,6 @@ def test_message_use_after_release_is_invalid(harness: Harness) -> None:
                 use()
             assert info.value.kind == errors.INVALID
             assert "released" in info.value.message
-    finally:
-        app.stop()
 
 
 def test_no_delivery_context_outside_handler(harness: Harness) -> None:
@@ -385,13 +354,9 @@ def test_delivery_context_reaches_called_code_and_threads(harness: Harness) -> N
 
     q = harness.queue("ctx")
     harness.consumer("worker", "ctx", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x")
         wait_until(lambda: len(seen) == 4)
-    finally:
-        app.stop()
     assert len(set(seen)) == 1
 
 
@@ -417,13 +382,9 @@ def test_typed_headers_round_trip(harness: Harness) -> None:
         "amqp.mandatory": True,
         "unicode": "héllo ✓",
     }
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x", sent)
         wait_until(lambda: len(sink) == 1)
-    finally:
-        app.stop()
     got = sink.headers[0]
     for key, value in sent.items():
         if key.startswith("amqp.") and harness.driver == "amqp":
@@ -436,13 +397,9 @@ def test_numeric_priority_round_trips(harness: Harness) -> None:
     sink = Sink()
     q = harness.queue("prio")
     harness.consumer("worker", "prio", sink.record)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x", {"priority": 7})
         wait_until(lambda: len(sink) == 1)
-    finally:
-        app.stop()
     assert sink.headers[0]["priority"] == 7
 
 
@@ -603,14 +560,10 @@ def test_handler_raising_base_exception_is_nacked(harness: Harness) -> None:
 
     q = harness.queue("baseexc")
     harness.consumer("worker", "baseexc", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(sink) == 2)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
     assert sink.attempts == [1, 2]
 
 
@@ -624,13 +577,9 @@ def test_async_handler_raising_keyboard_interrupt_is_nacked(harness: Harness) ->
 
     q = harness.queue("kbint")
     harness.consumer("worker", "kbint", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness):
         queue.publish(q, "x")
         wait_until(lambda: len(sink) == 2)
-    finally:
-        app.stop()
     assert sink.attempts == [1, 2]
 
 
@@ -643,14 +592,10 @@ def test_handler_returning_garbage_is_acked(harness: Harness) -> None:
 
     q = harness.queue("garbage")
     harness.consumer("worker", "garbage", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(sink) == 1)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
 
 
 def test_sync_handler_returning_coroutine_is_a_failure(harness: Harness) -> None:
@@ -667,14 +612,10 @@ def test_sync_handler_returning_coroutine_is_a_failure(harness: Harness) -> None
 
     q = harness.queue("coro")
     harness.consumer("worker", "coro", handle)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(calls) == 2)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
 
 
 def test_handler_timeout_nacks_async(harness: Harness) -> None:
@@ -687,14 +628,10 @@ def test_handler_timeout_nacks_async(harness: Harness) -> None:
 
     q = harness.queue("slow_async")
     harness.consumer("worker", "slow_async", handle, timeout="100ms")
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(sink) == 2, timeout=5)
         assert app.wait_idle(timeout=5)
-    finally:
-        app.stop()
 
 
 def test_handler_timeout_nacks_sync_and_late_ack_is_rejected(harness: Harness) -> None:
@@ -736,9 +673,7 @@ def test_undecodable_message_goes_to_dead_letter_queue(harness: Harness) -> None
     harness.queue("jsonq_dlq", codec="raw")
     harness.consumer("worker", "jsonq", calls.append)
     harness.consumer("dlq_worker", "jsonq_dlq", dlq_sink.record)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         bound = app._bound_queue(q)
         from conveyor.drivers.base import Outgoing
 
@@ -748,8 +683,6 @@ def test_undecodable_message_goes_to_dead_letter_queue(harness: Harness) -> None
             app_loop,
         ).result()
         wait_until(lambda: len(dlq_sink) == 1)
-    finally:
-        app.stop()
     assert calls == []
     assert dlq_sink.items == [b"\xff{not json"]
     assert "undecodable" in str(dlq_sink.headers[0]["x_dead_letter_reason"])
@@ -765,15 +698,11 @@ def test_auto_ack_settles_at_delivery(harness: Harness) -> None:
 
     q = harness.queue("autoack")
     harness.consumer("worker", "autoack", handle, auto_ack=True)
-    app = harness.load()
-    app.start(consumers=True)
-    try:
+    with running(harness) as app:
         queue.publish(q, "x")
         wait_until(lambda: len(sink) == 1)
         assert app.wait_idle(timeout=5)
         time.sleep(0.1)
-    finally:
-        app.stop()
     assert len(sink) == 1
 
 

@@ -666,7 +666,8 @@ def _amqp_tls(f: _Fields | None) -> dict[str, Any] | None:
     for key in TLS_STRING_KEYS:
         tls[key] = f.get(key, _string, None)
     for key in TLS_PATH_KEYS:
-        if tls[key] is not None:  # certificate files sit next to the YAML, like sqlite's path
+        # certificate files sit next to the YAML, like sqlite's path; inline PEM stays as written
+        if tls[key] is not None and "-----BEGIN" not in tls[key]:
             tls[key] = str(_resolve_path(f.scope.file.base_dir, tls[key]))
     tls["insecure_skip_verify"] = f.get("insecure_skip_verify", _boolean, None)
     return tls

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import require_service
 from tests.support.harness import Harness
 
-DRIVERS = ["memory", "sqlite"]
+DRIVERS = ["memory", "sqlite", "amqp"]
 SERVICES = {"amqp": ("RabbitMQ", 5672)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ def driver_entry(kind: str, tmp_path: Path) -> dict[str, Any]:
     raise ValueError(kind)
 
 
+def _delete_amqp_queues(entries: list[dict[str, Any]]) -> None:
+    from tests.support.rabbit_node import delete_queues, test_queue_names
+
+    delete_queues(AMQP_URL, test_queue_names(entries))
+
+
 def capabilities(kind: str) -> Capabilities:
     return driver_class(f"queue.driver.{kind}").capabilities
 
@@ -45,6 +52,10 @@ class Harness:
 
     def __post_init__(self) -> None:
         self.entries.append({"name": "drv", **driver_entry(self.driver, self.tmp_path)})
+        if self.driver == "amqp":
+            # Broker queues outlive the test: delete this harness's queues once it is dropped
+            # (after the test's fixtures are torn down; at exit at the latest).
+            weakref.finalize(self, _delete_amqp_queues, self.entries)
 
     def qid(self, name: str) -> str:
         return f"{self.namespace}:{name}"

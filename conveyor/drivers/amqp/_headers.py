@@ -41,6 +41,7 @@ __all__ = [
     "attempts_of",
     "decode_headers",
     "encode_headers",
+    "has_delivery_count",
     "republished",
 ]
 
@@ -55,6 +56,7 @@ _AMQP_KEYS = ("amqp.mandatory", "amqp.expiration", "amqp.app_id", "amqp.user_id"
 _PRIORITY_BY_VALUE = {value: name for name, value in PRIORITY_NAMES.items()}
 _INT64 = (-(2**63), 2**63 - 1)
 _SHORTSTR_MAX = 255
+_FIELD_NAME_MAX = 128  # AMQP field names; pamqp would silently truncate longer keys
 
 # type markers
 _FLOAT, _INT, _BOOL, _NAME = "f", "i", "b", "n"
@@ -127,8 +129,8 @@ def _driver_key(props: Basic.Properties, key: str, value: HeaderValue, mandatory
 def _table_key(key: str) -> str:
     if is_bookkeeping(key):
         raise errors.invalid(f"header {key!r} is reserved by the AMQP driver and the broker", key=key)
-    if len(key.encode()) > _SHORTSTR_MAX:
-        raise errors.invalid(f"header key {key[:40]!r}... is longer than AMQP's 255 bytes", key=key)
+    if len(key.encode()) > _FIELD_NAME_MAX:
+        raise errors.invalid(f"header key {key[:40]!r}... is longer than AMQP's 128 bytes", key=key)
     return key
 
 
@@ -252,6 +254,11 @@ def attempts_of(props: Basic.Properties, redelivered: bool) -> int:
     if isinstance(count, int) and not isinstance(count, bool):
         return base + max(count, 0) + 1
     return base + int(redelivered) + 1
+
+
+def has_delivery_count(props: Basic.Properties) -> bool:
+    """True for deliveries from a quorum queue (the broker counts redeliveries itself)."""
+    return "x-delivery-count" in (props.headers or {})
 
 
 def republished(props: Basic.Properties, failed_attempts: int, *, keep_expiration: bool) -> Basic.Properties:

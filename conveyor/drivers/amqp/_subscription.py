@@ -36,7 +36,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -44,7 +44,7 @@ from pamqp import commands as spec
 
 from conveyor import errors
 from conveyor.drivers.amqp._errors import describe
-from conveyor.drivers.amqp._headers import attempts_of, decode_headers, republished
+from conveyor.drivers.amqp._headers import attempts_of, decode_headers, has_delivery_count, republished
 from conveyor.drivers.amqp._link import backoff_delays
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
 from conveyor.registry.model import QueueSpec
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = ["AmqpSubscription"]
 
 log = logging.getLogger("conveyor.drivers.amqp")
+
+ACK_DELAY = 0.02  # seconds an ack may wait to share a basic.ack(multiple) with others
 
 
 class _Lease:
@@ -96,8 +98,15 @@ class AmqpSubscription(Subscription):
         self._open_tags: dict[int, None] = {}  # every unsettled tag of the channel, ascending
         self._pending_acks: list[int] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        # Acks go out when a quarter of the broker's window is settled, or after
+        # ACK_DELAY at the latest. Pending acks never hold up deliveries: with less
+        # than a quarter of the window pending, the broker may still send 3/4 of it.
+        self._ack_batch = max(1, driver.qos_for(prefetch) // 4)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._attaching: asyncio.Task[None] | None = None
+        self._held: dict[str, asyncio.Event] = {}  # message_id -> "original settled"
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self.attached = asyncio.Event()  # set while a verified consumer is on the broker
 
@@ -155,6 +164,9 @@ class AmqpSubscription(Subscription):
         self._handed.clear()
         self._open_tags.clear()
         self._pending_acks.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     def _on_channel_closed(self, channel: AbstractChannel) -> None:
         if self._channel is not channel or self._closed:
@@ -171,8 +183,10 @@ class AmqpSubscription(Subscription):
         channel = self._channel
         if channel is not None:
             self._forget_channel(channel)
-            with contextlib.suppress(Exception):
-                await channel.close()
+            # Not awaited here: this callback runs inside the channel's own reader task.
+            closing = asyncio.get_running_loop().create_task(_close_quietly(channel))
+            self._background.add(closing)
+            closing.add_done_callback(self._background.discard)
         self.reattach(redeclare=True)
 
     def link_down(self) -> None:
@@ -215,6 +229,7 @@ class AmqpSubscription(Subscription):
     # -- receiving and handing out -----------------------------------------------------------
 
     async def _on_message(self, message: DeliveredMessage) -> None:
+        # aiormq runs this in a task of its own per delivery, so it may await.
         channel = message.channel
         if channel is not self._channel:
             return  # a late frame from a channel we gave up: the broker takes it back
@@ -222,16 +237,53 @@ class AmqpSubscription(Subscription):
         assert isinstance(deliver, spec.Basic.Deliver)
         props = message.header.properties
         tag = int(deliver.delivery_tag or 0)
+        redelivered = bool(deliver.redelivered)
+        if not props.message_id:  # a foreign publisher's message: republished copies need an id
+            props.message_id = f"amqp-{uuid.uuid4().hex}"
+        hold = self._held.get(props.message_id)
+        if hold is not None:
+            await hold.wait()  # our own republished copy, early: let the original be acked first
+            if channel is not self._channel:
+                return
+        lease = _Lease(self, channel, tag, props)
+        self._open_tags[tag] = None
+        if redelivered and not has_delivery_count(props) and await self._checkpoint(lease, message.body):
+            return
         delivery = Delivery(
-            props.message_id or f"amqp-{uuid.uuid4().hex}",
+            props.message_id,
             message.body,
             decode_headers(props),
-            attempts_of(props, bool(deliver.redelivered)),
-            _Lease(self, channel, tag, props),
+            attempts_of(props, redelivered),
+            lease,
         )
-        self._open_tags[tag] = None
         self._buffer.append(delivery)
         self._wake_one()
+
+    async def _checkpoint(self, lease: _Lease, body: bytes) -> bool:
+        """Record a classic queue's redelivery in the message itself; True if done.
+
+        A classic queue only flags a redelivery, it does not count them: a message
+        whose handler crashed the process twice would look like a second attempt
+        forever and never reach ``max_attempts``. So a redelivered message is
+        republished (confirmed) with the attempt it stands for added to
+        ``x-conveyor-attempts``, and the original acked; the copy arrives unflagged
+        with an exact count, and the next crash is counted the same way. The price,
+        paid only after a crash or a lost channel: one confirmed publish, and the
+        copy queues up behind the messages already waiting.
+        """
+        props = lease.properties
+        copy = republished(props, attempts_of(props, True) - 1, keep_expiration=True)
+        async with self._republishing(lease):
+            try:
+                await self._driver.publish_raw(self._queue, body, copy)
+            except errors.Error as exc:
+                log.warning(
+                    "could not record the redelivery of a message on %s: %s", self._queue.id, exc.message
+                )
+                return False
+            lease.settled = True
+            await self._ack_now(lease)  # a no-op if the channel was lost: both exist (at-least-once)
+        return True
 
     def get_nowait(self) -> Delivery | None:
         if self._closed or not self._buffer:
@@ -305,21 +357,22 @@ class AmqpSubscription(Subscription):
         if not self._is_current(lease):
             self._settled(lease)  # the broker already took it back (and counts the attempt)
             return
-        try:
-            await self._driver.retry(self._queue, delivery, lease.properties, delay)
-        except errors.Error as exc:
-            log.warning(
-                "could not park message %s of %s for its %.3gs retry delay (%s); "
-                "returning it to the queue now instead",
-                delivery.id,
-                self._queue.id,
-                delay,
-                exc.message,
-            )
-            await self._requeue(lease)
-            return
-        self._settled(lease)
-        self._queue_ack(lease)
+        async with self._republishing(lease):
+            try:
+                await self._driver.retry(self._queue, delivery, lease.properties, delay)
+            except errors.Error as exc:
+                log.warning(
+                    "could not park message %s of %s for its %.3gs retry delay (%s); "
+                    "returning it to the queue now instead",
+                    delivery.id,
+                    self._queue.id,
+                    delay,
+                    exc.message,
+                )
+                await self._requeue(lease)
+                return
+            self._settled(lease)
+            await self._ack_now(lease)
 
     async def release(self, delivery: Delivery) -> None:
         lease = self._claim(delivery)
@@ -331,13 +384,14 @@ class AmqpSubscription(Subscription):
     async def _return_unstarted(self, delivery: Delivery, lease: _Lease) -> None:
         """Back to the queue with the attempt count unchanged (republish), else requeue."""
         props = republished(lease.properties, delivery.attempts - 1, keep_expiration=True)
-        try:
-            await self._driver.publish_raw(self._queue, delivery.body, props)
-        except errors.Error:
-            await self._requeue(lease)
-            return
-        self._settled(lease)
-        self._queue_ack(lease)
+        async with self._republishing(lease):
+            try:
+                await self._driver.publish_raw(self._queue, delivery.body, props)
+            except errors.Error:
+                await self._requeue(lease)
+                return
+            self._settled(lease)
+            await self._ack_now(lease)
 
     async def dead_letter(self, delivery: Delivery, target: QueueSpec, copy: Outgoing) -> None:
         lease = self._claim(delivery)
@@ -346,7 +400,7 @@ class AmqpSubscription(Subscription):
         await self._driver.publish(target, [copy])  # raises: the original stays unsettled
         self._settled(lease)
         if self._is_current(lease):
-            self._queue_ack(lease)
+            await self._ack_now(lease)
         else:  # lost its channel meanwhile: the broker redelivers the original (at-least-once)
             log.warning(
                 "message %s of %s was dead-lettered, but its channel was lost before the ack; "
@@ -370,12 +424,58 @@ class AmqpSubscription(Subscription):
 
     # -- batched acks --------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _republishing(self, lease: _Lease) -> AsyncIterator[None]:
+        """Hold back a copy of ``lease``'s message until the original is settled.
+
+        The broker may deliver the republished copy to this very consumer before the
+        confirm for it reaches us, so before the original is acked. Were the copy
+        handled (and the process to crash in that handler) first, both would come
+        back. Copies carry the original's message_id; ``_on_message`` waits here.
+        """
+        key = lease.properties.message_id or ""
+        done = self._held.setdefault(key, asyncio.Event())
+        try:
+            yield
+        finally:
+            if self._held.get(key) is done:
+                del self._held[key]
+            done.set()
+
+    async def _ack_now(self, lease: _Lease) -> None:
+        """Ack at once, written to the socket before returning (after a republish).
+
+        The original of a republished message is acked without batching: were the
+        process to die before a batched ack went out, both the original and its copy
+        would come back, and a poison message that kills its consumer would multiply.
+        """
+        if lease.channel is not self._channel:
+            return
+        try:
+            await lease.channel.basic_ack(lease.tag, wait=True)
+        except Exception as exc:  # the channel died: the broker redelivers it
+            log.debug("ack of tag %d lost with its channel: %s", lease.tag, describe(exc))
+        finally:
+            # Only now: a batched multiple-ack must not cover this tag as well.
+            if lease.channel is self._channel:
+                self._open_tags.pop(lease.tag, None)
+
     def _queue_ack(self, lease: _Lease) -> None:
         if lease.channel is not self._channel:
             return
         self._open_tags.pop(lease.tag, None)
         self._pending_acks.append(lease.tag)
-        if self._flushing is None:
+        if len(self._pending_acks) >= self._ack_batch:
+            self._kick_flush()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._kick_flush)
+
+    def _kick_flush(self) -> None:
+        """Start the flusher now (batch full, consumer idle, or the safety timer fired)."""
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._flushing is None and self._pending_acks:
             self._flushing = asyncio.get_running_loop().create_task(self._flush_acks())
 
     async def _flush_acks(self) -> None:
@@ -398,6 +498,7 @@ class AmqpSubscription(Subscription):
             self._flushing = None
 
     async def _drain_acks(self) -> None:
+        self._kick_flush()
         while self._flushing is not None:
             await asyncio.shield(self._flushing)
 
@@ -435,6 +536,11 @@ class AmqpSubscription(Subscription):
             await channel.basic_cancel(self._consumer_tag)
         self._consumer_tag = None
         self.attached.clear()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        await channel.close()
 
 
 def _stale(delivery: Delivery, queue: QueueSpec) -> errors.Error:

@@ -50,9 +50,9 @@ _OPTION_OF = {
     "x-queue-type": "queue_type",
     "x-max-priority": "max_priority",
 }
-_INEQUIVALENT = re.compile(
-    r"inequivalent arg '([^']+)'.*received (?:'([^']*)'|(none))\s+but current is (?:'([^']*)'|(none))"
-)
+# RabbitMQ prints a value as 'x', as "the value 'x' of type 't'", or as none (not set).
+_VALUE = r"(none|the value '[^']*' of type '[^']*'|'[^']*')"
+_INEQUIVALENT = re.compile(rf"inequivalent arg '([^']+)'.*?received {_VALUE}\s+but current is {_VALUE}")
 
 
 @dataclass(slots=True)
@@ -108,16 +108,30 @@ def delay_declaration(source: Declaration, delay_ms: int) -> Declaration:
     It is durable when the source is (a retry survives a broker restart), never
     exclusive (another connection may have to drain it) and always expires when
     unused.
+
+    When the source has a length limit, RabbitMQ's ordinary dead-lettering would
+    drop a retry that comes back while the source is full. Those delay queues are
+    quorum queues with ``x-dead-letter-strategy: at-least-once`` instead: the broker
+    keeps the message and tries again (RabbitMQ retries such a transfer about every
+    three minutes) until the source has room.
     """
+    args: dict[str, Any] = {
+        "x-message-ttl": delay_ms,
+        "x-expires": delay_ms + DELAY_EXPIRY_MARGIN_MS,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": source.name,
+    }
+    bounded = "x-max-length" in source.arguments
+    if bounded:
+        args.update(
+            {
+                "x-queue-type": "quorum",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        )
     return Declaration(
-        name=delay_name(source.name, delay_ms),
-        durable=source.durable,
-        arguments={
-            "x-message-ttl": delay_ms,
-            "x-expires": delay_ms + DELAY_EXPIRY_MARGIN_MS,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": source.name,
-        },
+        name=delay_name(source.name, delay_ms), durable=source.durable or bounded, arguments=args
     )
 
 
@@ -142,8 +156,14 @@ def parse_difference(reply_text: str) -> Difference | None:
     match = _INEQUIVALENT.search(reply_text)
     if match is None:
         return None
-    argument, declared, declared_none, current, current_none = match.groups()
-    return Difference(argument, declared_none or declared or "", current_none or current or "")
+    argument, declared, current = match.groups()
+    return Difference(argument, _printed(declared), _printed(current))
+
+
+def _printed(value: str) -> str:
+    if value == "none":
+        return value
+    return value.split("'")[1]
 
 
 def apply_difference(decl: Declaration, diff: Difference) -> bool:

@@ -24,6 +24,8 @@ from conveyor import errors
 from conveyor.drivers.amqp._errors import describe, publish_error
 from conveyor.drivers.amqp._headers import encode_headers, republished
 from conveyor.drivers.amqp._link import Link
+from conveyor.drivers.amqp._pipeline import Pipeline
+from conveyor.drivers.amqp._pipeline import supported as pipeline_supported
 from conveyor.drivers.amqp._subscription import AmqpSubscription
 from conveyor.drivers.amqp._topology import (
     REDECLARE_AFTER,
@@ -67,6 +69,7 @@ class AmqpDriver(Driver):
         self._delay_fresh: dict[str, float] = {}  # delay queue -> when this process last declared it
         self._subs: set[AmqpSubscription] = set()
         self._publish_channel: AbstractChannel | None = None
+        self._publisher: Pipeline | None = None
         self._rpc_channel: AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
 
@@ -218,56 +221,15 @@ class AmqpDriver(Driver):
         """
         decl = self._declaration(queue)
         encoded = [encode_headers(out.headers, out.id) for out in batch]  # INVALID before sending
-        full = "x-max-length" in decl.arguments
-        if len(batch) == 1:
-            enc = encoded[0]
-            await self._confirmed(
-                queue,
-                routing_key=decl.name,
-                body=batch[0].body,
-                properties=enc.properties,
-                mandatory=enc.mandatory,
-                full=full,
-                stored=[],
-            )
-            return
-        sends = [
-            self._confirmed(
-                queue,
-                routing_key=decl.name,
-                body=out.body,
-                properties=enc.properties,
-                mandatory=enc.mandatory,
-                full=full,
-                stored=None,
-            )
-            for out, enc in zip(batch, encoded, strict=True)
+        messages = [
+            (out.body, enc.properties, enc.mandatory) for out, enc in zip(batch, encoded, strict=True)
         ]
-        results = await asyncio.gather(*sends, return_exceptions=True)
-        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
-        if failed:
-            first = results[failed[0]]
-            assert isinstance(first, BaseException)
-            if not isinstance(first, errors.Error):
-                raise first
-            stored = [i for i in range(len(batch)) if i not in set(failed)]
-            raise errors.internal(
-                f"{first.message} (batch: {len(stored)} of {len(batch)} confirmed)",
-                **{**first.details, "stored": stored, "failed": failed},
-            )
+        await self._send(queue, decl.name, messages, full="x-max-length" in decl.arguments)
 
     async def publish_raw(self, queue: QueueSpec, body: bytes, properties: spec.Basic.Properties) -> None:
         """Republish a delivered message's body and properties to ``queue`` (confirmed)."""
         decl = self._declaration(queue)
-        await self._confirmed(
-            queue,
-            routing_key=decl.name,
-            body=body,
-            properties=properties,
-            mandatory=True,
-            full="x-max-length" in decl.arguments,
-            stored=[],
-        )
+        await self._send(queue, decl.name, [(body, properties, True)], full="x-max-length" in decl.arguments)
 
     async def retry(
         self, queue: QueueSpec, delivery: Delivery, properties: spec.Basic.Properties, delay: float
@@ -278,49 +240,50 @@ class AmqpDriver(Driver):
             await self.publish_raw(queue, delivery.body, copy)
             return
         name = await self._delay_queue(queue, delay)
-        await self._confirmed(
-            queue,
-            routing_key=name,
-            body=delivery.body,
-            properties=copy,
-            mandatory=True,
-            full=False,
-            stored=[],
-        )
+        await self._send(queue, name, [(delivery.body, copy, True)], full=False)
 
-    async def _confirmed(
-        self,
-        queue: QueueSpec,
-        *,
-        routing_key: str,
-        body: bytes,
-        properties: spec.Basic.Properties,
-        mandatory: bool,
-        full: bool,
-        stored: list[int] | None,
+    async def _send(
+        self, queue: QueueSpec, routing_key: str, messages: list[_Message], *, full: bool
     ) -> None:
-        """One persistent publish, returning after the broker's ack; bounded by the link timeout."""
+        """Persistent publishes that return once each is confirmed; bounded by the link timeout.
+
+        Raises INTERNAL (retryable) whose ``details["stored"]`` lists the indexes of
+        ``messages`` the broker confirmed before the failure.
+        """
+        confirms: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self.link.timeout):
-                channel = cast(aiormq.Channel, await self._channel(confirms=True))
-                # wait=False: do not wait for the socket to drain; the confirm is what counts.
-                result = await channel.basic_publish(
-                    body, routing_key=routing_key, properties=properties, mandatory=mandatory, wait=False
-                )
-        except errors.Error as exc:
-            raise _with_stored(exc, stored) from None
-        except TimeoutError as exc:
-            if not self.link.is_up:
-                raise _with_stored(self.link.unreachable(), stored) from None
-            raise publish_error(exc, queue.id, full=full, **_stored(stored)) from None
+                pipeline = await self._pipeline()
+                for body, props, mandatory in messages:
+                    confirms.append(pipeline.publish(routing_key, body, props, mandatory))
+                await asyncio.wait(confirms)  # every outcome, not just the first failure
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            _cancel(confirms)
             raise
         except BaseException as exc:
-            raise publish_error(exc, queue.id, full=full, **_stored(stored)) from None
-        if not isinstance(result, spec.Basic.Ack):  # aiormq raises on a nack; be sure anyway
-            raise publish_error(
-                amqp_exc.DeliveryError(None, spec.Basic.Nack()), queue.id, full=full, **_stored(stored)
-            )
+            _cancel(confirms)
+            stored = [i for i, fut in enumerate(confirms) if _confirmed(fut)]
+            if isinstance(exc, errors.Error):
+                raise _with_stored(exc, stored) from None
+            if isinstance(exc, TimeoutError) and not self.link.is_up:
+                raise _with_stored(self.link.unreachable(), stored) from None
+            raise publish_error(exc, queue.id, full=full, stored=stored, total=len(messages)) from None
+        failure = _first_failure(confirms)
+        if failure is not None:
+            stored = [i for i, fut in enumerate(confirms) if _confirmed(fut)]
+            raise publish_error(failure, queue.id, full=full, stored=stored, total=len(messages))
+
+    async def _pipeline(self) -> Pipeline:
+        channel = await self._channel(confirms=True)
+        if self._publisher is None or self._publisher.channel is not channel:
+            if not pipeline_supported(channel):
+                raise errors.internal(
+                    "this aiormq version lacks the confirm bookkeeping the AMQP driver uses; "
+                    "install aiormq 7.x (pip install 'aio-pika>=10,<11')",
+                    retryable=False,
+                )
+            self._publisher = Pipeline(cast(aiormq.Channel, channel))
+        return self._publisher
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -386,13 +349,29 @@ def _reply_text(exc: BaseException | None) -> str:
     return str(exc)
 
 
-def _stored(stored: list[int] | None) -> dict[str, Any]:
-    return {} if stored is None else {"stored": stored}
+_Message = tuple[bytes, spec.Basic.Properties, bool]  # body, properties, mandatory
 
 
-def _with_stored(exc: errors.Error, stored: list[int] | None) -> errors.Error:
-    if stored is None or "stored" in exc.details:
+def _confirmed(fut: asyncio.Future[Any]) -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None
+
+
+def _first_failure(confirms: list[asyncio.Future[Any]]) -> BaseException | None:
+    for fut in confirms:
+        if fut.done() and not fut.cancelled() and fut.exception() is not None:
+            return fut.exception()
+    return None
+
+
+def _cancel(confirms: list[asyncio.Future[Any]]) -> None:
+    # A confirm that arrives later finds its future cancelled and is dropped by aiormq.
+    for fut in confirms:
+        if not fut.done():
+            fut.cancel()
+
+
+def _with_stored(exc: errors.Error, stored: list[int]) -> errors.Error:
+    if "stored" in exc.details:
         return exc
-    return errors.Error(
-        exc.kind, exc.message, retryable=exc.retryable, details={**exc.details, "stored": stored}
-    )
+    details = {**exc.details, "stored": stored}
+    return errors.Error(exc.kind, exc.message, retryable=exc.retryable, details=details)

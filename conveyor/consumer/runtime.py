@@ -112,6 +112,11 @@ class Consumer:
     # -- lifecycle -------------------------------------------------------------------
 
     @property
+    def _subscription(self) -> Subscription:
+        assert self._sub is not None, "consumer not started"
+        return self._sub
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 
@@ -252,17 +257,15 @@ class Consumer:
             message_var.reset(token)
         try:
             if failure is None and not self.spec.auto_ack and msg._try_claim():
-                await self._ack_or_log(delivery)
+                try:  # the common case, inlined: success -> ack
+                    await self._subscription.ack(delivery)
+                    self.stats.acked += 1
+                except errors.Error as exc:
+                    self._log_settle_error(delivery, exc)
             else:
                 await self._auto_settle(msg, delivery, failure)
         finally:
             msg._release()
-
-    async def _ack_or_log(self, delivery: Delivery) -> None:
-        try:
-            await self.settle_ok(delivery)
-        except errors.Error as exc:
-            self._log_settle_error(delivery, exc)
 
     async def _exhausted(self, delivery: Delivery) -> bool:
         """Attempts beyond ``max_attempts`` mean earlier ones never settled (the consumer

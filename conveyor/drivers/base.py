@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from conveyor import errors
 from conveyor.registry.model import DriverSpec, QueueSpec
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Headers",
     "Outgoing",
     "Subscription",
+    "queue_full",
 ]
 
 HeaderValue = str | int | float | bool
@@ -153,3 +155,13 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def info(self, queue: QueueSpec) -> dict[str, Any]:
         """At least ``message_count``, ``consumer_count``, ``ready``, ``in_flight``."""
+
+
+def queue_full(queue: QueueSpec, limit: int) -> errors.Error:
+    """The error every driver raises when ``max_length`` refuses a publish (nothing stored)."""
+    return errors.internal(
+        f"queue {queue.id} is full (max_length {limit}); nothing was stored",
+        queue=queue.id,
+        reason="queue_full",
+        max_length=limit,
+    )

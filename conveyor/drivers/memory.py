@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor import errors
-from conveyor.drivers.base import Capabilities, Delivery, Driver, Headers, Outgoing, Subscription
+from conveyor.drivers.base import (
+    Capabilities,
+    Delivery,
+    Driver,
+    Headers,
+    Outgoing,
+    Subscription,
+    queue_full,
+)
 from conveyor.registry.model import QueueSpec
 
 __all__ = ["MemoryDriver"]
@@ -175,7 +183,7 @@ class _MemorySubscription(Subscription):
     async def dead_letter(self, delivery: Delivery, target: QueueSpec, copy: Outgoing) -> None:
         driver_queue = self._queues[target.queue_name]
         if driver_queue.max_length is not None and driver_queue.size >= driver_queue.max_length:
-            raise _queue_full(target, driver_queue.max_length)
+            raise queue_full(target, driver_queue.max_length)
         driver_queue.put(_Stored(copy.id, copy.body, copy.headers))
         self._settle(delivery)
 
@@ -193,15 +201,6 @@ class _MemorySubscription(Subscription):
             if not fut.done():
                 fut.set_result(None)
         self._q.wake_all()
-
-
-def _queue_full(queue: QueueSpec, limit: int) -> errors.Error:
-    return errors.internal(
-        f"queue {queue.id} is full (max_length {limit}); nothing was stored",
-        queue=queue.id,
-        reason="queue_full",
-        max_length=limit,
-    )
 
 
 class MemoryDriver(Driver):
@@ -238,7 +237,7 @@ class MemoryDriver(Driver):
         q = self._queue(queue)
         limit = q.max_length
         if limit is not None and q.size + len(batch) > limit:
-            raise _queue_full(queue, limit)
+            raise queue_full(queue, limit)
         for out in batch:
             q.put(_Stored(out.id, out.body, out.headers))
 

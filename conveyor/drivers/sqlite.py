@@ -28,7 +28,15 @@ from typing import Any
 import msgpack
 
 from conveyor import errors
-from conveyor.drivers.base import Capabilities, Delivery, Driver, Headers, Outgoing, Subscription
+from conveyor.drivers.base import (
+    Capabilities,
+    Delivery,
+    Driver,
+    Headers,
+    Outgoing,
+    Subscription,
+    queue_full,
+)
 from conveyor.drivers.sqlite_store import Database, owner_alive, owner_id
 from conveyor.registry.model import DriverSpec, QueueSpec
 
@@ -63,15 +71,6 @@ def _unpack(blob: bytes) -> Headers:
     return headers
 
 
-def _queue_full(queue: QueueSpec, limit: int) -> errors.Error:
-    return errors.internal(
-        f"queue {queue.id} is full (max_length {limit}); nothing was stored",
-        queue=queue.id,
-        reason="queue_full",
-        max_length=limit,
-    )
-
-
 def _max_length(queue: QueueSpec) -> int | None:
     value = queue.driver_options.get("sqlite", {}).get("max_length")
     return int(value) if value is not None else None
@@ -83,7 +82,7 @@ def _check_room(conn: sqlite3.Connection, queue: QueueSpec, adding: int) -> None
         return
     (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue.queue_name,)).fetchone()
     if count + adding > limit:
-        raise _queue_full(queue, limit)
+        raise queue_full(queue, limit)
 
 
 class SqliteDriver(Driver):

@@ -310,6 +310,8 @@ class Database:
             return (job.future, False, exc)
         except sqlite3.Error as exc:
             return (job.future, False, translate(exc, self.path))
+        except Exception as exc:  # a bug in a job: answer it, keep the thread alive
+            return (job.future, False, errors.internal(f"unexpected error in the SQLite driver: {exc!r}"))
 
     def _write(
         self, conn: sqlite3.Connection, jobs: list[Job]

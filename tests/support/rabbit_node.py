@@ -8,6 +8,10 @@ the shared node) is not read, and its own Erlang cookie (HOME points into the
 temporary directory). It is started with ``rabbitmq-server`` and stopped with
 ``rabbitmqctl stop``; stopping and starting again keeps its data (durable queues
 and persistent messages survive, as on a real broker restart).
+
+A node may also get a TLS (amqps) listener on another loopback port (``tls=``, see
+:class:`TlsListener`), plugins to enable (``plugins=``, through its own
+enabled_plugins file) and extra ``rabbitmq.conf`` lines (``config=``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +57,46 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """PEM files for a node's TLS listener; client certificates are verified against ``cacertfile``."""
+
+    cacertfile: Path
+    certfile: Path
+    keyfile: Path
+    fail_if_no_peer_cert: bool = False
+
+    def config(self, port: int) -> list[str]:
+        return [
+            f"listeners.ssl.1 = 127.0.0.1:{port}",
+            f"ssl_options.cacertfile = {self.cacertfile}",
+            f"ssl_options.certfile = {self.certfile}",
+            f"ssl_options.keyfile = {self.keyfile}",
+            "ssl_options.verify = verify_peer",
+            f"ssl_options.fail_if_no_peer_cert = {str(self.fail_if_no_peer_cert).lower()}",
+        ]
+
+
 class RabbitNode:
     """A private RabbitMQ node on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, base: Path, name: str = "conveyor-test") -> None:
+    def __init__(
+        self,
+        base: Path,
+        name: str = "conveyor-test",
+        *,
+        tls: TlsListener | None = None,
+        plugins: Sequence[str] = (),
+        config: Sequence[str] = (),
+    ) -> None:
         self.base = base
         self.port = free_port()
         self.dist_port = free_port()
+        self.tls_port: int | None = free_port() if tls is not None else None
         self.nodename = f"{name}-{self.port}@localhost"
+        self._tls = tls
+        self._plugins = tuple(plugins)
+        self._config = tuple(config)
         self._proc: subprocess.Popen[bytes] | None = None
         self._prepare()
 
@@ -71,8 +108,11 @@ class RabbitNode:
         for sub in ("mnesia", "log", "home"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         (self.base / "env.conf").write_text("")
-        (self.base / "rabbitmq.conf").write_text("loopback_users = none\n")
-        (self.base / "enabled_plugins").write_text("[].\n")
+        lines = ["loopback_users = none", *self._config]
+        if self._tls is not None and self.tls_port is not None:
+            lines += self._tls.config(self.tls_port)
+        (self.base / "rabbitmq.conf").write_text("".join(line + "\n" for line in lines))
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self._plugins)}].\n")
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
@@ -99,7 +139,7 @@ class RabbitNode:
         return str(path) if path.exists() else tool
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the node and wait until it accepts AMQP connections."""
+        """Start the node and wait until it accepts AMQP connections (and TLS ones, if configured)."""
         if self._proc is not None and self._proc.poll() is None:
             return
         out = open(self.base / "server.out", "ab")  # noqa: SIM115 - owned by the process
@@ -113,7 +153,7 @@ class RabbitNode:
         )
         out.close()
         deadline = time.monotonic() + timeout
-        while not self._amqp_ready():
+        while not (self._amqp_ready() and (self.tls_port is None or port_open(self.tls_port))):
             if self._proc.poll() is not None:
                 raise RuntimeError(f"rabbitmq-server exited with {self._proc.returncode}: {self.tail()}")
             if time.monotonic() > deadline:

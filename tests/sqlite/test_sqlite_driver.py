@@ -568,3 +568,27 @@ def test_file_turned_read_only_while_running_fails_publish_and_recovers(tmp_path
         assert queue.publish("t:jobs", {"n": 3}) is True
     assert stored_payloads(db) == [{"n": 1}, {"n": 3}]
     assert integrity(db) == "ok"
+
+
+def test_a_job_that_raises_does_not_take_the_database_thread_down(tmp_path: Path) -> None:
+    from conveyor.drivers.sqlite_store import Database
+
+    async def main() -> int:
+        db = Database(str(tmp_path / "x.db"), synchronous="full", busy_timeout=1.0)
+        await db.open()
+        try:
+
+            def broken(conn: sqlite3.Connection) -> None:
+                raise ValueError("bug")
+
+            for write in (True, False):
+                with pytest.raises(errors.Error) as info:
+                    await db.submit(broken, write=write)
+                assert info.value.kind == errors.INTERNAL
+                assert "bug" in info.value.message
+            count = await db.submit(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+            return int(count)
+        finally:
+            await db.close()
+
+    assert asyncio.run(main()) == 0

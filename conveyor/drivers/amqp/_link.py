@@ -160,16 +160,34 @@ def ssl_context(tls: Mapping[str, Any] | None, url: URL) -> ssl.SSLContext | Non
         return None
     tls = tls or {}
     ca = _pem(tls, "ca")
-    context = ssl.create_default_context(
-        cafile=ca if ca and not _is_pem(ca) else None, cadata=ca if ca and _is_pem(ca) else None
-    )
+    try:
+        context = ssl.create_default_context(
+            cafile=ca if ca and not _is_pem(ca) else None, cadata=ca if ca and _is_pem(ca) else None
+        )
+    except OSError as exc:  # ssl.SSLError included; ssl's errors name no file
+        raise _unloadable(tls, {"ca": ca}, exc) from None
     cert, key = _pem(tls, "cert"), _pem(tls, "key")
     if cert:
-        _load_chain(context, cert, key)
+        try:
+            _load_chain(context, cert, key)
+        except OSError as exc:
+            raise _unloadable(tls, {"cert": cert, "key": key}, exc) from None
     if tls.get("insecure_skip_verify"):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _unloadable(tls: Mapping[str, Any], values: Mapping[str, str | None], exc: OSError) -> errors.Error:
+    """INVALID naming the ``tls`` fields and files that ssl could not load (never the PEM itself)."""
+    sources = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        env_name = tls.get(f"{name}_env")
+        where = f"${env_name}" if env_name else "inline PEM" if _is_pem(value) else value
+        sources.append(f"tls.{name}{'_env' if env_name else ''} ({where})")
+    return errors.invalid(f"cannot load {' and '.join(sources)}: {exc}")
 
 
 def _is_pem(text: str) -> bool:
@@ -259,7 +277,7 @@ class Link:
         opts = self._options
         tls = opts.get("tls")
         kwargs: dict[str, Any] = {}
-        if tls and tls.get("server_name"):
+        if tls and tls.get("server_name") and self._url.scheme == "amqps":  # plain TCP refuses it
             kwargs["server_hostname"] = tls["server_name"]
         properties = {"connection_name": opts.get("connection_name") or self._name}
         conn = _Connection(

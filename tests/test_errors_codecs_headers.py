@@ -192,3 +192,31 @@ def test_priority_values(value: Any, number: int) -> None:
 def test_bad_priority(value: Any) -> None:
     with pytest.raises(errors.Error):
         check_headers({"priority": value})
+
+
+# -- waiters (shared by the drivers' get()) ----------------------------------------------
+
+
+def test_a_cancelled_waiter_passes_its_wake_up_on() -> None:
+    import asyncio
+
+    from conveyor.drivers.waiters import Waiters
+
+    async def main() -> list[str]:
+        waiters = Waiters()
+        woke: list[str] = []
+
+        async def waiter(name: str) -> None:
+            await waiters.wait()
+            woke.append(name)
+
+        first = asyncio.create_task(waiter("first"))
+        second = asyncio.create_task(waiter("second"))
+        await asyncio.sleep(0)
+        waiters.wake()  # meant for `first`...
+        first.cancel()  # ...which is cancelled before it runs
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(second, 1)
+        return woke
+
+    assert asyncio.run(main()) == ["second"]

@@ -25,6 +25,7 @@ from conveyor.drivers.base import (
     Subscription,
     queue_full,
 )
+from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import QueueSpec
 
 __all__ = ["MemoryDriver"]
@@ -49,7 +50,7 @@ class _Queue:
         self.ready: deque[_Stored] = deque()
         self.delayed: list[tuple[float, int, _Stored]] = []
         self.leased = 0
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters = Waiters()  # consumers waiting for a ready message
         self.subscriptions: set[_MemorySubscription] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count()
@@ -60,11 +61,11 @@ class _Queue:
 
     def put(self, stored: _Stored) -> None:
         self.ready.append(stored)
-        self._wake_one()
+        self.waiters.wake()
 
     def put_front(self, stored: _Stored) -> None:
         self.ready.appendleft(stored)
-        self._wake_one()
+        self.waiters.wake()
 
     def put_later(self, stored: _Stored, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -87,19 +88,8 @@ class _Queue:
         if self.delayed:
             self._arm(loop, self.delayed[0][0])
 
-    def _wake_one(self) -> None:
-        waiters = self.waiters
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-
     def wake_all(self) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+        self.waiters.wake_all()
 
     def clear_timer(self) -> None:
         if self._timer is not None:
@@ -114,7 +104,7 @@ class _MemorySubscription(Subscription):
         self._prefetch = prefetch
         self._auto_ack = auto_ack
         self._unsettled: dict[_Stored, None] = {}  # in lease order
-        self._capacity_waiters: deque[asyncio.Future[None]] = deque()
+        self._capacity_waiters = Waiters()  # workers waiting for a settlement to free room
         self._closed = False
 
     def get_nowait(self) -> Delivery | None:
@@ -131,25 +121,16 @@ class _MemorySubscription(Subscription):
 
     async def get(self) -> Delivery | None:
         # Cancellation-safe: a cancelled wait has leased nothing.
-        loop = asyncio.get_running_loop()
         while not self._closed:
             delivery = self.get_nowait()
             if delivery is not None:
                 return delivery
-            fut: asyncio.Future[None] = loop.create_future()
             if len(self._unsettled) >= self._prefetch:
                 if self._q.ready:
-                    self._q._wake_one()  # ready work this subscription cannot take now
-                self._capacity_waiters.append(fut)
+                    self._q.waiters.wake()  # ready work this subscription cannot take now
+                await self._capacity_waiters.wait()
             else:
-                self._q.waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                # Pass a wake-up we consumed on to another waiter.
-                if fut.done() and not fut.cancelled() and self._q.ready:
-                    self._q._wake_one()
-                raise
+                await self._q.waiters.wait()
         return None
 
     def _settle(self, delivery: Delivery) -> _Stored:
@@ -158,11 +139,7 @@ class _MemorySubscription(Subscription):
             raise errors.invalid(f"delivery {delivery.id} is not held by this subscription")
         del self._unsettled[stored]
         self._q.leased -= 1
-        while self._capacity_waiters:
-            fut = self._capacity_waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                break
+        self._capacity_waiters.wake()
         return stored  # type: ignore[no-any-return]
 
     async def ack(self, delivery: Delivery) -> None:
@@ -197,9 +174,7 @@ class _MemorySubscription(Subscription):
             self._q.leased -= 1
             self._q.put_front(stored)
         self._unsettled.clear()
-        for fut in self._capacity_waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._capacity_waiters.wake_all()
         self._q.wake_all()
 
 

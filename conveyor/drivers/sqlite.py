@@ -38,6 +38,7 @@ from conveyor.drivers.base import (
     queue_full,
 )
 from conveyor.drivers.sqlite_store import Database, owner_alive, owner_id
+from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import DriverSpec, QueueSpec
 
 __all__ = ["SqliteDriver"]
@@ -259,7 +260,7 @@ class _SqliteSubscription(Subscription):
         self._auto_ack = auto_ack
         self._buffer: deque[Delivery] = deque()  # leased, not handed out yet
         self._handed: dict[int, Delivery] = {}  # handed out, not settled
-        self._getters: deque[asyncio.Future[None]] = deque()
+        self._getters = Waiters()
         self._wake = asyncio.Event()
         self._dirty = True  # a lease attempt may find something
         self._next_due: float | None = None
@@ -360,7 +361,7 @@ class _SqliteSubscription(Subscription):
         for seq, msg_id, body, headers, attempts in rows:
             token = None if auto_ack else seq
             self._buffer.append(Delivery(msg_id, body, _unpack(headers), attempts, token))
-        self._wake_getters(len(rows))
+        self._getters.wake(len(rows))
         return len(rows)
 
     # -- handing out -----------------------------------------------------------------
@@ -376,27 +377,13 @@ class _SqliteSubscription(Subscription):
         return delivery
 
     async def get(self) -> Delivery | None:
-        loop = asyncio.get_running_loop()
+        # Cancellation-safe: a cancelled wait has taken nothing out of the buffer.
         while not self._closing:
             delivery = self.get_nowait()
             if delivery is not None:
                 return delivery
-            future: asyncio.Future[None] = loop.create_future()
-            self._getters.append(future)
-            try:
-                await future
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled() and self._buffer:
-                    self._wake_getters(1)
-                raise
+            await self._getters.wait()
         return None
-
-    def _wake_getters(self, count: int) -> None:
-        while count > 0 and self._getters:
-            future = self._getters.popleft()
-            if not future.done():
-                future.set_result(None)
-                count -= 1
 
     # -- settlement ------------------------------------------------------------------
 
@@ -489,7 +476,7 @@ class _SqliteSubscription(Subscription):
             return
         self._closing = True
         self._wake.set()
-        self._wake_getters(len(self._getters))
+        self._getters.wake_all()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         unstarted = [d.token for d in self._buffer if d.token is not None]

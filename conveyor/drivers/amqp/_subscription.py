@@ -47,6 +47,7 @@ from conveyor.drivers.amqp._errors import describe
 from conveyor.drivers.amqp._headers import attempts_of, decode_headers, has_delivery_count, republished
 from conveyor.drivers.amqp._link import backoff_delays
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
+from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import QueueSpec
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class AmqpSubscription(Subscription):
         # ACK_DELAY at the latest. Pending acks never hold up deliveries: with less
         # than a quarter of the window pending, the broker may still send 3/4 of it.
         self._ack_batch = max(1, driver.qos_for(prefetch) // 4)
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters = Waiters()
         self._attaching: asyncio.Task[None] | None = None
         self._held: dict[str, asyncio.Event] = {}  # message_id -> "original settled"
         self._background: set[asyncio.Task[None]] = set()
@@ -257,7 +258,7 @@ class AmqpSubscription(Subscription):
             lease,
         )
         self._buffer.append(delivery)
-        self._wake_one()
+        self._waiters.wake()
 
     async def _checkpoint(self, lease: _Lease, body: bytes) -> bool:
         """Record a classic queue's redelivery in the message itself; True if done.
@@ -299,33 +300,12 @@ class AmqpSubscription(Subscription):
 
     async def get(self) -> Delivery | None:
         # Cancellation-safe: a cancelled wait has taken nothing out of the buffer.
-        loop = asyncio.get_running_loop()
         while not self._closed:
             delivery = self.get_nowait()
             if delivery is not None:
                 return delivery
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and self._buffer:
-                    self._wake_one()  # pass a wake-up we consumed on
-                raise
+            await self._waiters.wait()
         return None
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
-
-    def _wake_all(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -509,7 +489,7 @@ class AmqpSubscription(Subscription):
         if self._closed:
             return
         self._closed = True
-        self._wake_all()
+        self._waiters.wake_all()
         self._driver.forget(self)
         if self._attaching is not None:
             self._attaching.cancel()

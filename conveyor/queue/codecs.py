@@ -7,6 +7,7 @@ always delivers bytes.
 
 from __future__ import annotations
 
+import abc
 import json
 from typing import Any, ClassVar
 
@@ -29,14 +30,16 @@ def check_data(data: Any) -> None:
         raise errors.invalid(f"message data is empty ({data!r})")
 
 
-class Codec:
+class Codec(abc.ABC):
+    """Turns ``data`` into bytes and back; ``encode`` raises INVALID, ``decode`` DecodeError."""
+
     name: ClassVar[str]
 
-    def encode(self, data: Any) -> bytes:
-        raise NotImplementedError  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def encode(self, data: Any) -> bytes: ...
 
-    def decode(self, body: bytes) -> Any:
-        raise NotImplementedError  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def decode(self, body: bytes) -> Any: ...
 
 
 class JsonCodec(Codec):

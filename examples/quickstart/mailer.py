@@ -24,7 +24,7 @@ USERS = [
 
 
 class MailboxUnavailable(Exception):
-    pass
+    """The recipient's mail server refused the message for good."""
 
 
 def enqueue_welcome_emails() -> int:

@@ -30,11 +30,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from _common import (
+    BenchTimeout,
+    Check,
+    PeerMissing,
+    Result,
+    check_target,
+    executable,
+    payload,
+    progress,
+)
 
 import conveyor
 from conveyor import queue
@@ -44,29 +54,6 @@ NAMESPACE = "bench"
 QUEUE_ID = f"{NAMESPACE}:q"
 CONSUMER_ID = f"{NAMESPACE}:worker"
 BENCHMARKS = ("raw", "conveyor", "kombu", "taskiq", "dramatiq")
-
-
-class BenchTimeout(Exception):
-    """A run did not finish within ``--timeout`` seconds."""
-
-
-class PeerMissing(Exception):
-    """A peer library could not be imported."""
-
-
-def payload(i: int) -> dict[str, Any]:
-    """The message every benchmark sends (a small, typical task payload)."""
-    return {"n": i, "action": "send_email", "user_id": 456, "template": "welcome"}
-
-
-@dataclass
-class Result:
-    key: str
-    name: str
-    rate: float | None = None  # msgs/s of the best run
-    runs: list[float] = field(default_factory=list)  # msgs/s of every run
-    note: str = ""
-    status: str = "ok"  # ok | not installed | error: ...
 
 
 @dataclass
@@ -436,7 +423,7 @@ def run_peer(key: str, opts: Options) -> Result:
 def run_all(opts: Options, only: Sequence[str]) -> list[Result]:
     results: list[Result] = []
     for key in only:
-        _progress(f"running {key} ...")
+        progress(f"running {key} ...")
         if key == "raw":
             results.append(bench_raw(opts))
         elif key == "conveyor":
@@ -446,35 +433,13 @@ def run_all(opts: Options, only: Sequence[str]) -> list[Result]:
     return results
 
 
-@dataclass
-class Check:
-    name: str
-    status: str  # PASS | FAIL | SKIP
-    detail: str
-
-
-def _rate_or_reason(what: str, row: Result | None) -> float | str:
-    if row is None:
-        return f"{what} not measured"
-    return row.rate if row.rate is not None else f"{what} {row.status}"
-
-
-def _check(name: str, value: Result | None, factor: float, base: Result | None) -> Check:
-    ours, theirs = _rate_or_reason("conveyor", value), _rate_or_reason("baseline", base)
-    if isinstance(ours, str) or isinstance(theirs, str):
-        return Check(name, "SKIP", ours if isinstance(ours, str) else str(theirs))
-    needed = factor * theirs
-    status = "PASS" if ours >= needed else "FAIL"
-    return Check(name, status, f"{ours:,.0f} msgs/s = {ours / theirs:.2f}x (needs >= {needed:,.0f})")
-
-
 def checks(results: Sequence[Result]) -> list[Check]:
     by_key = {r.key: r for r in results}
     ours = by_key.get("conveyor_async_best")
     return [
-        _check("conveyor async handler >= 0.5x raw asyncio.Queue+JSON", ours, 0.5, by_key.get("raw")),
-        _check("conveyor async handler >= 3x kombu memory://", ours, 3.0, by_key.get("kombu")),
-        _check("conveyor async handler >= 7x dramatiq StubBroker", ours, 7.0, by_key.get("dramatiq")),
+        check_target("conveyor async handler >= 0.5x raw asyncio.Queue+JSON", ours, 0.5, by_key.get("raw")),
+        check_target("conveyor async handler >= 3x kombu memory://", ours, 3.0, by_key.get("kombu")),
+        check_target("conveyor async handler >= 7x dramatiq StubBroker", ours, 7.0, by_key.get("dramatiq")),
     ]
 
 
@@ -522,15 +487,6 @@ def write_json(
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def _executable() -> str:
-    relative = os.path.relpath(sys.executable)
-    return sys.executable if relative.startswith("..") else relative
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _int_list(text: str) -> list[int]:
     values = sorted({int(part) for part in text.split(",") if part.strip()} | {1})
     if values[0] < 1:
@@ -576,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(
         args.n, args.repeat, args.timeout, args.concurrency, args.prefetch, args.batch, args.dramatiq_threads
     )
-    command = " ".join([_executable(), *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    command = " ".join([executable(), *(sys.argv if argv is None else [sys.argv[0], *argv])])
     try:
         results = run_all(opts, args.only)
     except BenchTimeout as exc:

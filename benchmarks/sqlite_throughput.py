@@ -43,11 +43,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from _common import (
+    BenchTimeout,
+    Check,
+    PeerMissing,
+    Result,
+    check_target,
+    executable,
+    payload,
+    progress,
+)
 
 import conveyor
 from conveyor import queue
@@ -61,31 +71,8 @@ MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
 IDLE_BEFORE_START = 0.1  # seconds the consumers sit idle before the first publish
 
 
-class BenchTimeout(Exception):
-    """A run did not finish within ``--timeout`` seconds."""
-
-
 class BenchFailure(Exception):
     """A run finished but its correctness check failed."""
-
-
-class PeerMissing(Exception):
-    """A peer library could not be imported."""
-
-
-def payload(i: int) -> dict[str, Any]:
-    """The message every benchmark sends (a small, typical task payload)."""
-    return {"n": i, "action": "send_email", "user_id": 456, "template": "welcome"}
-
-
-@dataclass
-class Result:
-    key: str
-    name: str
-    rate: float | None = None  # msgs/s of the best run
-    runs: list[float] = field(default_factory=list)  # msgs/s of every run
-    note: str = ""
-    status: str = "ok"  # ok | not installed | error: ...
 
 
 @dataclass
@@ -627,7 +614,7 @@ def run_peer(key: str, opts: Options) -> Result:
 def run_all(opts: Options, only: Sequence[str]) -> list[Result]:
     results: list[Result] = []
     for key in only:
-        _progress(f"running {key} ...")
+        progress(f"running {key} ...")
         if key == "conveyor":
             results.extend(bench_conveyor(opts))
         else:
@@ -635,36 +622,16 @@ def run_all(opts: Options, only: Sequence[str]) -> list[Result]:
     return results
 
 
-@dataclass
-class Check:
-    name: str
-    status: str  # PASS | FAIL | SKIP
-    detail: str
-
-
-def _rate_or_reason(what: str, row: Result | None) -> float | str:
-    if row is None:
-        return f"{what} not measured"
-    return row.rate if row.rate is not None else f"{what} {row.status}"
-
-
-def _check(name: str, value: Result | None, factor: float, base: Result | None) -> Check:
-    ours, theirs = _rate_or_reason("conveyor", value), _rate_or_reason("baseline", base)
-    if isinstance(ours, str) or isinstance(theirs, str):
-        return Check(name, "SKIP", ours if isinstance(ours, str) else str(theirs))
-    needed = factor * theirs
-    status = "PASS" if ours >= needed else "FAIL"
-    return Check(name, status, f"{ours:,.0f} msgs/s = {ours / theirs:.2f}x (needs >= {needed:,.0f})")
-
-
 def checks(results: Sequence[Result], opts: Options) -> list[Check]:
     by_key = {r.key: r for r in results}
     ours = by_key.get("conveyor")
     sync = opts.synchronous
     return [
-        _check(f"conveyor (synchronous={sync}) >= 3x raw sqlite3", ours, 3.0, by_key.get("raw")),
-        _check(f"conveyor (synchronous={sync}) >= 5x persist-queue", ours, 5.0, by_key.get("persistqueue")),
-        _check(f"conveyor (synchronous={sync}) >= 5x huey", ours, 5.0, by_key.get("huey")),
+        check_target(f"conveyor (synchronous={sync}) >= 3x raw sqlite3", ours, 3.0, by_key.get("raw")),
+        check_target(
+            f"conveyor (synchronous={sync}) >= 5x persist-queue", ours, 5.0, by_key.get("persistqueue")
+        ),
+        check_target(f"conveyor (synchronous={sync}) >= 5x huey", ours, 5.0, by_key.get("huey")),
     ]
 
 
@@ -714,15 +681,6 @@ def write_json(
         "checks": [asdict(c) for c in found],
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def _executable() -> str:
-    relative = os.path.relpath(sys.executable)
-    return sys.executable if relative.startswith("..") else relative
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -791,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     opts = options(args)
     info = machine(opts)
-    info["command"] = " ".join([_executable(), *(sys.argv if argv is None else [sys.argv[0], *argv])])
+    info["command"] = " ".join([executable(), *(sys.argv if argv is None else [sys.argv[0], *argv])])
     try:
         results = run_all(opts, args.only)
     except BenchTimeout as exc:

@@ -53,7 +53,7 @@ def payload(i: int) -> bytes:
 
 
 class PeerMissing(Exception):
-    pass
+    """A peer library could not be imported."""
 
 
 @dataclass

@@ -139,7 +139,7 @@ class TcpProxy:
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
-            pass
+            pass  # either side went away: the pump ends, the finally below closes the other
         finally:
             # The reading side ended (EOF or error): the peer is gone, drop the pair
             # (in blackhole mode too: only live peers are kept waiting).

@@ -138,11 +138,11 @@ def write_app(directory: Path, language: str, case: str, concurrency: int) -> Pa
 @contextmanager
 def entered(app: conveyor.App) -> Iterator[None]:
     """Make ``app`` the current app (two are started, so neither is current by default)."""
-    token = qctx.entered_app.set(app)
+    token = qctx.entered.set(app.runtime)
     try:
         yield
     finally:
-        qctx.entered_app.reset(token)
+        qctx.entered.reset(token)
 
 
 def _acked(app: conveyor.App) -> int:

@@ -4,7 +4,7 @@ Every command finds its configuration the same way: the PATH given on the comman
 line (positional for ``run``/``check``, ``-c/--config`` for the others), else
 ``$CONVEYOR_CONFIG``, else ``./conveyor.yaml``.
 
-Exit codes (SPEC §4): 0 ok; 1 runtime failure; 2 usage or configuration error
+Exit codes (docs/cli.md#exit-codes): 0 ok; 1 runtime failure; 2 usage or configuration error
 (bad arguments, missing configuration, INVALID / NOT_FOUND errors); 130 when
 interrupted outside ``run``. Errors are one line on stderr (a configuration error
 adds one indented line per problem); ``--debug`` prints the full traceback too.
@@ -13,27 +13,23 @@ adds one indented line per problem); ``--debug`` prints the full traceback too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import FrameType
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import conveyor
 from conveyor import errors, queue
-from conveyor.app import App
-from conveyor.queue import context as qctx
+from conveyor.app import App, RunReport
 from conveyor.queue.headers import check_headers
 from conveyor.registry.ids import canonical_id
+from conveyor.registry.problems import Problem
 
 __all__ = ["build_parser", "main"]
 
@@ -48,7 +44,6 @@ CONFIG_ENV = "CONVEYOR_CONFIG"
 DEFAULT_CONFIG = "conveyor.yaml"
 USAGE_KINDS = frozenset({errors.INVALID, errors.NOT_FOUND})
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-POLL_INTERVAL = 0.1  # seconds between idleness checks of `run --until-idle`
 
 CONSUMER_COLUMNS = (
     ("DELIVERED", "delivered"),
@@ -119,16 +114,7 @@ def _plural(count: int, noun: str) -> str:
 
 def _format_problem(problem: Any) -> str:
     """One configuration problem as ``file: entry E: field F: message (line N)``."""
-    if not isinstance(problem, Mapping):
-        return str(problem)
-    parts = [str(problem.get("file") or "")]
-    if problem.get("entry"):
-        parts.append(f"entry {problem['entry']}")
-    if problem.get("field"):
-        parts.append(f"field {problem['field']}")
-    parts.append(str(problem.get("message", "")))
-    line = problem.get("line")
-    return ": ".join(p for p in parts if p) + (f" (line {line})" if line else "")
+    return str(Problem.from_dict(problem)) if isinstance(problem, Mapping) else str(problem)
 
 
 def _error_lines(exc: errors.Error) -> list[str]:
@@ -211,16 +197,6 @@ def declared_function(app: App, func_id: str) -> str:
     return fid
 
 
-@contextlib.contextmanager
-def _current(app: App) -> Iterator[None]:
-    """Make ``app`` the current app of this thread for ``conveyor.queue`` calls."""
-    token = qctx.entered_app.set(app)
-    try:
-        yield
-    finally:
-        qctx.entered_app.reset(token)
-
-
 # --------------------------------------------------------------------------- logging
 
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
@@ -273,13 +249,18 @@ def configure_logging(level: str) -> None:
 
 @dataclass
 class RunOutcome:
-    """How ``conveyor run`` ended and what it did."""
+    """How ``conveyor run`` ended and what it did (an ``App.run`` report, as the CLI names it)."""
 
     reason: str  # "idle", "signal" or "timeout"
     forced: bool
     elapsed: float
     consumers: dict[str, dict[str, int]]
     queues: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, report: RunReport) -> RunOutcome:
+        reason = {"until": "idle", "request": "signal"}.get(report.reason, report.reason)
+        return cls(reason, report.forced, report.elapsed, report.consumers, report.queues)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -292,94 +273,20 @@ class RunOutcome:
         }
 
 
-@dataclass
-class Runner:
-    """Runs an app with its consumers until a signal, or until idle with ``until_idle``.
+def idle_for(app: App, settle: float) -> Callable[[], bool]:
+    """An ``until`` for ``App.run``: true once the app has been idle for ``settle`` s in a row."""
+    idle_since: float | None = None
 
-    The first SIGINT/SIGTERM stops gracefully (in-flight handlers get ``grace``
-    seconds); a second one — or any signal once stopping has begun — stops at once.
-    """
+    def until() -> bool:
+        nonlocal idle_since
+        now = time.monotonic()
+        if not app.is_idle():
+            idle_since = None
+            return False
+        idle_since = now if idle_since is None else idle_since
+        return now - idle_since >= settle
 
-    app: App
-    until_idle: bool = False
-    settle: float = 0.5
-    timeout: float | None = None
-    grace: float | None = None
-    signals: int = field(default=0, init=False)
-    stopping: bool = field(default=False, init=False)
-    _stop: threading.Event = field(default_factory=threading.Event, init=False)
-
-    def run(self) -> RunOutcome:
-        started = time.monotonic()
-        restore = self._install_signal_handlers()
-        try:
-            self.app.start(consumers=True)
-            try:
-                reason = self._wait(started)
-                self.stopping = True
-                log.info("stopping (%s)", reason)
-                self.app.stop_consumers(self.grace)
-                queues = queue_snapshot(self.app)
-            finally:
-                self.app.stop(self.grace)
-        finally:
-            restore()
-        forced = self.signals > 1 or (self.signals > 0 and reason != "signal")
-        return RunOutcome(reason, forced, time.monotonic() - started, self.app.stats(), queues)
-
-    def _wait(self, started: float) -> str:
-        """Block until a signal ("signal"), idleness ("idle") or the timeout ("timeout")."""
-        interval = min(POLL_INTERVAL, max(self.settle / 2, 0.01))
-        idle_since: float | None = None
-        while not self._stop.wait(interval if self.until_idle else 0.5):
-            if not self.until_idle:
-                continue
-            now = time.monotonic()
-            if self.app.is_idle():
-                idle_since = now if idle_since is None else idle_since
-                if now - idle_since >= self.settle:
-                    return "idle"
-            else:
-                idle_since = None
-            if self.timeout is not None and now - started >= self.timeout:
-                return "timeout"
-        return "signal"
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.signals += 1
-        name = signal.Signals(signum).name
-        immediate = self.signals > 1 or self.stopping
-        if immediate:
-            log.warning("received %s: stopping at once", name)
-        else:
-            log.info("received %s: stopping gracefully (send it again to stop at once)", name)
-        self._stop.set()
-        self.app.request_stop(immediate=immediate)
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in sigs}
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
-
-
-def queue_snapshot(app: App) -> dict[str, dict[str, Any]]:
-    """``queue.info`` of every declared queue; ``{}`` (and a warning) for one that fails."""
-    snapshot: dict[str, dict[str, Any]] = {}
-    with _current(app):
-        for qid in app.registry.queues:
-            try:
-                snapshot[qid] = queue.info(qid)
-            except errors.Error as exc:
-                log.warning("cannot read queue %s: %s", qid, exc)
-                snapshot[qid] = {}
-    return snapshot
+    return until
 
 
 def print_run_summary(outcome: RunOutcome) -> None:
@@ -404,10 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = load_app(args.path, log_bodies=args.log_bodies)
     for warning in app.registry.warnings:
         log.warning("%s", warning)
-    runner = Runner(
-        app, until_idle=args.until_idle, settle=args.idle_settle, timeout=args.timeout, grace=args.grace
-    )
-    outcome = runner.run()
+    until = idle_for(app, args.idle_settle) if args.until_idle else None
+    outcome = RunOutcome.of(app.run(grace=args.grace, until=until, timeout=args.timeout))
     if args.json:
         _print_json(outcome.to_dict())
     else:

@@ -121,7 +121,8 @@ def permission_denied(message: str, **details: Any) -> Error:
     return Error(PERMISSION_DENIED, message, details=details)
 
 
-def internal(message: str, *, retryable: bool = True, **details: Any) -> Error:
+def internal(message: str, *, retryable: bool = False, **details: Any) -> Error:
+    """An INTERNAL error; like every constructor here, not retryable unless said so."""
     return Error(INTERNAL, message, retryable=retryable, details=details)
 
 

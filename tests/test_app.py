@@ -220,7 +220,7 @@ def test_handler_sees_the_app_running_it(tmp_path: Path) -> None:
     app.start(consumers=True)
     try:
         # two apps are started and none is entered here: only the handler knows its app
-        asyncio.run_coroutine_threadsafe(app.apublish(inbox, 1), app.loop).result(5)
+        asyncio.run_coroutine_threadsafe(app.runtime.apublish(inbox, 1), app.loop).result(5)
 
         def relayed() -> bool:
             info = asyncio.run_coroutine_threadsafe(app.ainfo(out), app.loop).result(5)
@@ -287,9 +287,10 @@ def test_unresolvable_handler_is_reported_before_anything_starts(tmp_path: Path)
 def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from conveyor import drivers
+    from conveyor.drivers import kinds
 
-    monkeypatch.setitem(drivers._DRIVERS, "queue.driver.memory", ("conveyor.drivers.nope", "X", None))
+    row = kinds.DriverKind("queue.driver.memory", "conveyor.drivers.options.memory", "conveyor.drivers.nope:X")
+    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
     h = Harness(tmp_path)
     h.queue("tasks")
     app = h.load()
@@ -304,14 +305,15 @@ def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
 def test_missing_client_library_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from conveyor import drivers
+    from conveyor.drivers import kinds
 
     (tmp_path / "fake_driver_mod.py").write_text("import conveyor_absent_client_lib\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fake_driver_mod", raising=False)
-    monkeypatch.setitem(drivers._DRIVERS, "queue.driver.memory", ("fake_driver_mod", "X", "amqp"))
+    row = kinds.DriverKind("queue.driver.memory", "conveyor.drivers.options.memory", "fake_driver_mod:X", "amqp")
+    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
     with pytest.raises(errors.Error) as info:
-        drivers.driver_class("queue.driver.memory")
+        kinds.driver_class("queue.driver.memory")
     assert "conveyor_absent_client_lib" in info.value.message
     assert "pip install 'conveyor[amqp]'" in info.value.message
 

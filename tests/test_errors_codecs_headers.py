@@ -55,7 +55,7 @@ def test_unknown_kind_is_rejected() -> None:
 
 
 def test_error_survives_pickling() -> None:
-    exc = errors.internal("lost connection", queue="app:q")
+    exc = errors.internal("lost connection", retryable=True, queue="app:q")
     copy = pickle.loads(pickle.dumps(exc))
     assert (copy.kind, copy.message, copy.retryable, copy.details) == (
         exc.kind,
@@ -69,6 +69,13 @@ def test_default_is_not_retryable() -> None:
     assert errors.invalid("x").retryable is False
     assert errors.permission_denied("x").retryable is False
     assert errors.not_found("x").retryable is False
+
+
+def test_internal_defaults_like_the_error_type() -> None:
+    """Regression: errors.internal() was retryable by default while Error(INTERNAL, ...)
+    was not; one default now, and retryable errors say so where they are made."""
+    assert errors.internal("x").retryable is errors.Error(errors.INTERNAL, "x").retryable is False
+    assert errors.internal("x", retryable=True).retryable is True
 
 
 # -- data --------------------------------------------------------------------------------

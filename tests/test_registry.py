@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from conveyor import errors
+from conveyor.drivers.options.amqp import AmqpConsumerOptions, AmqpOptions, AmqpQueueOptions, AmqpTls
+from conveyor.drivers.options.memory import MemoryQueueOptions
+from conveyor.drivers.options.sqlite import SqliteOptions, SqliteQueueOptions
 from conveyor.registry import (
     ConsumerSpec,
     DeadLetterSpec,
@@ -23,6 +26,9 @@ from conveyor.registry import (
     parse_duration,
 )
 from conveyor.registry import __all__ as registry_all
+from conveyor.registry.conditions import NO_VALUE, Condition
+from conveyor.registry.options import NoOptions
+from conveyor.registry.problems import Origin
 
 # --------------------------------------------------------------------------- helpers
 
@@ -125,19 +131,18 @@ entries:
 def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
     path = write(tmp_path, "app.yaml", SPEC_EXAMPLE)
     registry = load_registry(path)
-    where = f"{path}: entry"
     assert registry.drivers == {
         "app:store": DriverSpec(
             id="app:store",
             kind="queue.driver.sqlite",
-            options={
-                "path": str(tmp_path.resolve() / "data" / "app.db"),
-                "busy_timeout": 5.0,
-                "poll_interval": 0.1,
-                "synchronous": "full",
-                "lease_duration": 30.0,
-            },
-            where=f"{where} app:store",
+            options=SqliteOptions(
+                path=str(tmp_path.resolve() / "data" / "app.db"),
+                busy_timeout=5.0,
+                poll_interval=0.1,
+                synchronous="full",
+                lease_duration=30.0,
+            ),
+            origin=Origin(file=str(path), entry="app:store", line=4),
         )
     }
     assert registry.queues["app:emails"] == QueueSpec(
@@ -148,7 +153,7 @@ def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
         dead_letter=DeadLetterSpec(queue="app:emails_dlq", max_attempts=5),
         retry=RetrySpec(delay=1.0, backoff=2.0, max_delay=300.0),
         driver_options={},
-        where=f"{where} app:emails",
+        origin=Origin(file=str(path), entry="app:emails", line=7),
     )
     consumer = registry.consumers["app:email_worker"]
     assert (consumer.queue, consumer.func, consumer.concurrency, consumer.prefetch) == (
@@ -163,8 +168,9 @@ def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
         kind="function.python",
         source="myapp.handlers:handle_email",
         base_dir=tmp_path.resolve(),
-        where=f"{where} app:handle_email",
+        origin=Origin(file=str(path), entry="app:handle_email", line=23),
     )
+    assert str(registry.functions["app:handle_email"].origin) == f"{path}: entry app:handle_email"
     assert list(registry.queues) == ["app:emails", "app:emails_dlq"]
     assert registry.files == (path,)
     assert registry.strict_security is False
@@ -252,10 +258,16 @@ def test_bad_duration_is_a_problem_on_its_field(tmp_path: Path) -> None:
 
 def test_memory_driver(tmp_path: Path) -> None:
     registry = load(tmp_path, item("- {name: mem, kind: queue.driver.memory}"))
-    assert registry.drivers["app:mem"] == DriverSpec(
-        id="app:mem", kind="queue.driver.memory", options={}, where=registry.drivers["app:mem"].where
+    spec = registry.drivers["app:mem"]
+    assert spec == DriverSpec(
+        id="app:mem", kind="queue.driver.memory", options=NoOptions(), origin=spec.origin
     )
-    assert registry.drivers["app:mem"].where.endswith("app.yaml: entry app:mem")
+    assert str(spec.origin).endswith("app.yaml: entry app:mem")
+    assert (spec.origin.file, spec.origin.entry, spec.origin.line) == (
+        str(tmp_path / "app.yaml"),
+        "app:mem",
+        4,
+    )
 
 
 def test_sqlite_driver_fields_and_absolute_path(tmp_path: Path) -> None:
@@ -272,13 +284,9 @@ def test_sqlite_driver_fields_and_absolute_path(tmp_path: Path) -> None:
           lease_duration: 1m
         """),
     )
-    assert registry.drivers["app:store"].options == {
-        "path": str(db),
-        "busy_timeout": 2.0,
-        "poll_interval": 0.05,
-        "synchronous": "normal",
-        "lease_duration": 60.0,
-    }
+    assert registry.drivers["app:store"].options == SqliteOptions(
+        path=str(db), busy_timeout=2.0, poll_interval=0.05, synchronous="normal", lease_duration=60.0
+    )
 
 
 def test_sqlite_relative_path_resolves_against_the_yaml_directory(tmp_path: Path) -> None:
@@ -287,10 +295,9 @@ def test_sqlite_relative_path_resolves_against_the_yaml_directory(tmp_path: Path
         "conf/sub/app.yaml",
         HEADER + item("- {name: store, kind: queue.driver.sqlite, path: ../data/q.db}") + "\n",
     )
-    registry = load_registry(path)
-    assert registry.drivers["app:store"].options["path"] == str(
-        (tmp_path / "conf" / "data" / "q.db").resolve()
-    )
+    options = load_registry(path).drivers["app:store"].options
+    assert isinstance(options, SqliteOptions)
+    assert options.path == str((tmp_path / "conf" / "data" / "q.db").resolve())
 
 
 @pytest.mark.parametrize("interval", ["0", "0s", "61s", "2m"])
@@ -310,24 +317,24 @@ def test_sqlite_path_is_required(tmp_path: Path) -> None:
     )
 
 
-def test_amqp_driver_defaults_store_every_key(tmp_path: Path) -> None:
+def test_amqp_driver_defaults_fill_every_field(tmp_path: Path) -> None:
     registry = load(tmp_path, item("- {name: rabbit, kind: queue.driver.amqp}"))
-    assert registry.drivers["app:rabbit"].options == {
-        "url": "amqp://guest:guest@localhost:5672/",
-        "vhost": None,
-        "connection_name": None,
-        "auth_mechanism": None,
-        "heartbeat": None,
-        "connection_timeout": None,
-        "reconnect_delay": 1.0,
-        "reconnect_max_delay": 30.0,
-        "default_message_ttl": None,
-        "default_queue_expiry": None,
-        "prefetch_count": None,
-        "frame_size": None,
-        "channel_max": None,
-        "tls": None,
-    }
+    assert registry.drivers["app:rabbit"].options == AmqpOptions(
+        url="amqp://guest:guest@localhost:5672/",
+        vhost=None,
+        connection_name=None,
+        auth_mechanism=None,
+        heartbeat=None,
+        connection_timeout=15.0,
+        reconnect_delay=1.0,
+        reconnect_max_delay=30.0,
+        default_message_ttl=None,
+        default_queue_expiry=None,
+        prefetch_count=None,
+        frame_size=None,
+        channel_max=None,
+        tls=None,
+    )
 
 
 def test_amqp_driver_all_fields(tmp_path: Path) -> None:
@@ -358,27 +365,28 @@ def test_amqp_driver_all_fields(tmp_path: Path) -> None:
         """),
     )
     options = registry.drivers["app:rabbit"].options
-    assert options["url"] == "amqps://user:pw@broker:5671/"
-    assert (options["vhost"], options["connection_name"], options["auth_mechanism"]) == (
+    assert isinstance(options, AmqpOptions)
+    assert options.url == "amqps://user:pw@broker:5671/"
+    assert (options.vhost, options.connection_name, options.auth_mechanism) == (
         "/prod",
         "worker-1",
         "EXTERNAL",
     )
-    assert (options["heartbeat"], options["connection_timeout"]) == (30.0, 5.0)
-    assert (options["reconnect_delay"], options["reconnect_max_delay"]) == (0.5, 60.0)
-    assert (options["default_message_ttl"], options["default_queue_expiry"]) == (3600.0, 7200.0)
-    assert (options["prefetch_count"], options["frame_size"], options["channel_max"]) == (50, 131072, 2047)
-    assert options["tls"] == {
-        "enabled": True,
-        "server_name": "broker.internal",
-        "cert": str(tmp_path.resolve() / "certs" / "client.pem"),
-        "key": None,
-        "ca": None,
-        "cert_env": None,
-        "key_env": None,
-        "ca_env": "CA_PEM",
-        "insecure_skip_verify": False,
-    }
+    assert (options.heartbeat, options.connection_timeout) == (30.0, 5.0)
+    assert (options.reconnect_delay, options.reconnect_max_delay) == (0.5, 60.0)
+    assert (options.default_message_ttl, options.default_queue_expiry) == (3600.0, 7200.0)
+    assert (options.prefetch_count, options.frame_size, options.channel_max) == (50, 131072, 2047)
+    assert options.tls == AmqpTls(
+        enabled=True,
+        server_name="broker.internal",
+        cert=str(tmp_path.resolve() / "certs" / "client.pem"),
+        key=None,
+        ca=None,
+        cert_env=None,
+        key_env=None,
+        ca_env="CA_PEM",
+        insecure_skip_verify=False,
+    )
 
 
 def test_amqp_driver_problems(tmp_path: Path) -> None:
@@ -395,18 +403,40 @@ def test_amqp_driver_problems(tmp_path: Path) -> None:
           tls: {enabled: yes, client_cert: x.pem}
         """),
     )
+    # Rules across fields (reconnect_max_delay >= reconnect_delay) are checked once every
+    # field of the record reads well: see test_amqp_reconnect_max_delay_below_reconnect_delay.
     assert {p["field"] for p in found} == {
         "url",
         "auth_mechanism",
-        "reconnect_max_delay",
         "prefetch_count",
         "tls.client_cert",
     }
     assert "amqp://" in at(found, "url")["message"]
     assert "PLAIN, AMQPLAIN, EXTERNAL" in at(found, "auth_mechanism")["message"]
-    assert ">= reconnect_delay" in at(found, "reconnect_max_delay")["message"]
     assert at(found, "tls.client_cert")["message"].startswith("unknown field")
     assert all(p["entry"] == "app:rabbit" for p in found)
+
+
+def test_amqp_reconnect_max_delay_below_reconnect_delay(tmp_path: Path) -> None:
+    text = item("""
+        - name: rabbit
+          kind: queue.driver.amqp
+          reconnect_delay: 10s
+          reconnect_max_delay: 5s
+        """)
+    problem = only(problems(tmp_path, text))
+    assert (problem["entry"], problem["field"], problem["line"]) == ("app:rabbit", "reconnect_max_delay", 7)
+    assert problem["message"] == "must be >= reconnect_delay (10s), got 5s"
+
+
+def test_driver_entry_with_a_bad_option_is_still_declared(tmp_path: Path) -> None:
+    text = item("""
+        - {name: store, kind: queue.driver.sqlite, path: q.db, synchronous: sometimes}
+        - {name: q, kind: queue.queue, driver: store}
+        """)
+    problem = only(problems(tmp_path, text))
+    assert (problem["entry"], problem["field"]) == ("app:store", "synchronous")
+    assert problem["message"] == "must be one of full, normal, off; got 'sometimes'"
 
 
 # --------------------------------------------------------------------------- queues
@@ -414,7 +444,8 @@ def test_amqp_driver_problems(tmp_path: Path) -> None:
 
 def test_queue_defaults(tmp_path: Path) -> None:
     spec = load(tmp_path, item(BASE)).queues["app:q"]
-    assert spec == QueueSpec(id="app:q", driver="app:mem", queue_name="q", where=spec.where)
+    assert spec == QueueSpec(id="app:q", driver="app:mem", queue_name="q", origin=spec.origin)
+    assert (spec.origin.entry, spec.origin.line) == ("app:q", 6)
     assert (spec.codec, spec.dead_letter, spec.retry, spec.driver_options) == (
         "json/plain",
         None,
@@ -460,25 +491,25 @@ def test_queue_all_fields(tmp_path: Path) -> None:
     assert spec.dead_letter == DeadLetterSpec(queue="app:dlq", max_attempts=5)
     assert spec.retry == RetrySpec(delay=0.0, backoff=2.0, max_delay=300.0)
     assert spec.driver_options == {
-        "memory": {"max_length": 100},
-        "sqlite": {"max_length": 5},
-        "amqp": {
-            "durable": True,
-            "auto_delete": False,
-            "exclusive": False,
-            "message_ttl": 10.0,
-            "queue_expiry": 3600.0,
-            "max_length": 1000,
-            "overflow": "reject-publish-dlx",
-            "queue_type": "quorum",
-            "max_priority": 10,
-        },
+        "memory": MemoryQueueOptions(max_length=100),
+        "sqlite": SqliteQueueOptions(max_length=5),
+        "amqp": AmqpQueueOptions(
+            durable=True,
+            auto_delete=False,
+            exclusive=False,
+            message_ttl=10.0,
+            queue_expiry=3600.0,
+            max_length=1000,
+            overflow="reject-publish-dlx",
+            queue_type="quorum",
+            max_priority=10,
+        ),
     }
 
 
-def test_queue_driver_options_keep_only_given_keys(tmp_path: Path) -> None:
+def test_queue_driver_options_keep_only_given_bags(tmp_path: Path) -> None:
     text = base_with("driver_options: {amqp: {durable: false}}")
-    assert load(tmp_path, text).queues["app:q"].driver_options == {"amqp": {"durable": False}}
+    assert load(tmp_path, text).queues["app:q"].driver_options == {"amqp": AmqpQueueOptions(durable=False)}
 
 
 def test_queue_driver_options_problems(tmp_path: Path) -> None:
@@ -545,7 +576,7 @@ def test_consumer_defaults(tmp_path: Path) -> None:
         queue="app:q",
         handler="pkg.mod:handle",
         base_dir=tmp_path.resolve(),
-        where=spec.where,
+        origin=spec.origin,
     )
     assert (spec.concurrency, spec.prefetch, spec.auto_ack, spec.timeout, spec.security) == (
         1,
@@ -599,7 +630,7 @@ def test_consumer_all_fields(tmp_path: Path) -> None:
         groups=("ops",),
     )
     assert spec.driver_options == {
-        "amqp": {"consumer_tag": "w1", "exclusive": True, "no_local": False, "no_wait": True}
+        "amqp": AmqpConsumerOptions(consumer_tag="w1", exclusive=True, no_local=False, no_wait=True)
     }
     assert (spec.auto_start, spec.depends_on) == (False, ("app:first",))
 
@@ -826,7 +857,7 @@ def test_policy_fields_and_defaults(tmp_path: Path) -> None:
         actions=("queue.publish",),
         resources=("*",),
         effect="allow",
-        where=registry.policies["app:minimal"].where,
+        origin=registry.policies["app:minimal"].origin,
     )
     full = registry.policies["app:full"]
     assert (full.actions, full.resources, full.effect, full.groups) == (
@@ -836,14 +867,16 @@ def test_policy_fields_and_defaults(tmp_path: Path) -> None:
         ("writers", "ops"),
     )
     assert full.conditions == (
-        {"field": "actor.meta.role", "operator": "eq", "value": "admin"},
-        {"field": "meta.tenant", "operator": "eq", "value_from": "actor.meta.tenant"},
-        {"field": "actor.id", "operator": "in", "value": ["a", "b"]},
-        {"field": "resource", "operator": "matches", "value": "^app:"},
-        {"field": "action", "operator": "exists", "value": True},
-        {"field": "meta.x", "operator": "exists", "value": False},
-        {"field": "meta.y", "operator": "eq", "value": None},
+        Condition("actor.meta.role", "eq", "admin"),
+        Condition("meta.tenant", "eq", value_from="actor.meta.tenant"),
+        Condition("actor.id", "in", ["a", "b"]),
+        Condition("resource", "matches", "^app:"),
+        Condition("action", "exists", NO_VALUE),
+        Condition("meta.x", "exists", False),
+        Condition("meta.y", "eq", None),  # `value: null` is a value: compare with null
     )
+    # exists without a value: the field must exist; with false: it must not.
+    assert (full.conditions[4].must_exist, full.conditions[5].must_exist) == (True, False)
 
 
 def test_policy_problems(tmp_path: Path) -> None:
@@ -887,6 +920,18 @@ def test_policy_problems(tmp_path: Path) -> None:
     ]
     assert "regular expression" in found[6]["message"]
     assert "needs a list" in found[7]["message"]
+    assert [p["message"] for p in found[2:6]] == [
+        "unknown condition field 'user.id': expected "
+        "actor.id, actor.meta.<key>, meta.<key>, action or resource",
+        "must be one of eq, ne, lt, gt, in, exists, contains, matches; got 'like'",
+        "give exactly one of value and value_from",
+        "give exactly one of value and value_from",
+    ]
+    assert found[7]["message"] == "operator 'in' needs a list value, got string 'x'"
+    assert found[8]["message"].startswith("value_from 'nowhere' is not a field")
+    assert found[9]["message"] == "exists takes true, false or no value, got string 'maybe'"
+    assert found[10]["message"] == "expected a mapping, got string 'not-a-mapping'"
+    assert found[11]["message"] == "operator 'lt' needs a number or string value, got a list"
 
 
 # --------------------------------------------------------------------------- IDs and references
@@ -1120,15 +1165,16 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         """),
     )
     options = registry.drivers["app:rabbit"].options
-    assert options["url"] == "amqp://u:p@rabbit:5672/"
-    assert options["vhost"] == "/"  # like the shell, the default also covers an empty value
-    assert options["connection_name"] == "conveyor-ops-${NOT_A_VAR}"
-    assert options["heartbeat"] == 5.0
+    assert isinstance(options, AmqpOptions)
+    assert options.url == "amqp://u:p@rabbit:5672/"
+    assert options.vhost == "/"  # like the shell, the default also covers an empty value
+    assert options.connection_name == "conveyor-ops-${NOT_A_VAR}"
+    assert options.heartbeat == 5.0
     consumer = registry.consumers["app:w"]
     assert (consumer.concurrency, consumer.auto_ack) == (4, True)
     assert consumer.security == SecurityBlock(actor="bot", actor_meta={"group": "ops"}, groups=("ops",))
     assert type(consumer.security.actor_meta["group"]) is str
-    assert type(options["url"]) is str
+    assert type(options.url) is str
 
 
 def test_missing_env_variable_is_one_problem_naming_it(
@@ -1358,6 +1404,90 @@ def test_exists_with_value_from_is_reported_once(tmp_path: Path) -> None:
     with pytest.raises(errors.Error) as info:
         load(tmp_path, text)
     assert [p["message"] for p in info.value.details["problems"]] == ["exists takes no value_from"]
+
+
+def test_condition_type_problems_are_reported_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE", raising=False)
+    text = base_with(
+        extra="""
+        - name: p
+          kind: security.policy
+          policy:
+            actions: "*"
+            conditions:
+              - {field: 1, operator: eq, value: 1}
+              - {operator: eq, value: 1}
+              - {field: meta.a, value: 1}
+              - {field: meta.a, operator: [eq], value: 1}
+              - {field: meta.a, operator: eq, value_from: 5}
+              - {field: meta.a, operator: in, value: "${NOPE}"}
+              - {field: "", operator: eq, value: 1}
+        """
+    )
+    found = problems(tmp_path, text)
+    # ${VAR} problems come first: they are reported as soon as the entry is identified.
+    assert [(p["field"], p["message"]) for p in found] == [
+        (
+            "policy.conditions[5].value",
+            "environment variable NOPE is not set (write ${NOPE:-default} for a default)",
+        ),
+        ("policy.conditions[0].field", "expected a string, got number 1"),
+        ("policy.conditions[1].field", "required field is missing"),
+        ("policy.conditions[2].operator", "required field is missing"),
+        ("policy.conditions[3].operator", "expected a string, got a list"),
+        ("policy.conditions[4].value_from", "expected a string, got number 5"),
+        ("policy.conditions[6].field", "must not be empty"),
+    ]
+    assert [p["line"] for p in found] == [19, 14, 15, 16, 17, 18, 20]
+
+
+def test_exists_value_null_means_no_value_and_env_may_spell_a_boolean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MUST", "false")
+    monkeypatch.delenv("UNSET_FLAG", raising=False)
+    text = base_with(
+        extra="""
+        - name: p
+          kind: security.policy
+          policy:
+            actions: "*"
+            conditions:
+              - {field: meta.a, operator: exists, value: null}
+              - {field: meta.a, operator: exists, value: "${MUST}"}
+              - {field: meta.a, operator: exists, value: "${UNSET_FLAG:-true}"}
+        """
+    )
+    assert load(tmp_path, text).policies["app:p"].conditions == (
+        Condition("meta.a", "exists", NO_VALUE),
+        Condition("meta.a", "exists", False),
+        Condition("meta.a", "exists", True),
+    )
+
+
+def test_consumer_driver_options_only_for_drivers_with_consumer_options(tmp_path: Path) -> None:
+    text = base_with(
+        extra="""
+        - name: w
+          kind: queue.consumer
+          queue: q
+          handler: 'a:b'
+          driver_options: {memory: {}, sqlite: {}, amqp: {consumer_tag: 3}}
+        """
+    )
+    found = problems(tmp_path, text)
+    assert [(p["field"], p["message"]) for p in found] == [
+        ("driver_options.amqp.consumer_tag", "expected a string, got number 3"),
+        ("driver_options.memory", "unknown field"),
+        ("driver_options.sqlite", "unknown field"),
+    ]
+    spec = load(
+        tmp_path,
+        base_with(
+            extra="- {name: w, kind: queue.consumer, queue: q, handler: 'a:b', driver_options: {amqp: {}}}"
+        ),
+    ).consumers["app:w"]
+    assert spec.driver_options == {"amqp": AmqpConsumerOptions()}
 
 
 @pytest.mark.parametrize("text", ["1s1s", "30m1h", "5ms1s"])

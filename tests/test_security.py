@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import pytest
 
 from conveyor import errors, security
+from conveyor.queue import context as qctx
+from conveyor.queue.runtime import Runtime
+from conveyor.registry.conditions import NO_VALUE, Condition
 from conveyor.registry.ids import canonical_id
 from conveyor.registry.model import PolicySpec, SecurityBlock
+from conveyor.registry.problems import Origin
 from conveyor.security import Actor, PolicyEngine, SecurityContext
 from conveyor.security.context import activate, current
-from conveyor.security.policy import set_engine_resolver
 
 # --- helpers --------------------------------------------------------------------------
 
@@ -25,7 +29,7 @@ def pol(
     resources: str | tuple[str, ...] = "*",
     effect: str = "allow",
     *,
-    conditions: tuple[dict[str, Any], ...] = (),
+    conditions: tuple[Condition, ...] = (),
     groups: tuple[str, ...] = (),
 ) -> PolicySpec:
     """A policy spec; single patterns may be given as plain strings."""
@@ -49,19 +53,24 @@ def allowed(spec: PolicySpec, action: str = "act", resource: str = "", **meta: A
     return engine_of(spec).is_allowed(ctx_of(spec), action, resource, meta)
 
 
-def cond(field: str, operator: str, value: Any = None, **extra: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"field": field, "operator": operator, **extra}
-    if value is not None:
-        out["value"] = value
-    return out
+def cond(field: str, operator: str, value: Any = None, value_from: str | None = None) -> Condition:
+    """A condition; ``value=None`` means none written (use ``Condition`` for a null value)."""
+    return Condition(field, operator, NO_VALUE if value is None else value, value_from)
 
 
-@pytest.fixture(autouse=True)
-def _no_resolver() -> Iterator[None]:
-    """Every test starts and ends without an app engine registered."""
-    set_engine_resolver(None)
-    yield
-    set_engine_resolver(None)
+@contextlib.contextmanager
+def current_engine(engine: PolicyEngine) -> Iterator[None]:
+    """Make a running app runtime judged by ``engine`` current in this thread."""
+    loop = asyncio.new_event_loop()
+    runtime = Runtime(engine)
+    runtime.attach(loop, {})
+    token = qctx.entered.set(runtime)
+    try:
+        yield
+    finally:
+        qctx.entered.reset(token)
+        runtime.detach()
+        loop.close()
 
 
 # --- public surface -----------------------------------------------------------------
@@ -413,7 +422,7 @@ RUNTIME_ONLY_CASES: list[tuple[str, Any, Any, bool]] = [
 
 @pytest.mark.parametrize(("operator", "actual", "value", "expected"), OPERATOR_CASES)
 def test_operators(operator: str, actual: Any, value: Any, expected: bool) -> None:
-    spec = pol("app:p", conditions=({"field": "meta.x", "operator": operator, "value": value},))
+    spec = pol("app:p", conditions=(Condition("meta.x", operator, value),))
     assert allowed(spec, x=actual) is expected
 
 
@@ -595,7 +604,7 @@ def test_all_conditions_must_hold() -> None:
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        (pol("app:p", conditions=(cond("meta.x", "like", "a"),)), "operator 'like'"),
+        (pol("app:p", conditions=(cond("meta.x", "like", "a"),)), "operator: must be one of eq"),
         (pol("app:p", conditions=(cond("user.id", "eq", "a"),)), "field 'user.id'"),
         (pol("app:p", conditions=(cond("meta.", "eq", "a"),)), "field 'meta.'"),
         (pol("app:p", conditions=(cond("actor.meta", "eq", "a"),)), "field 'actor.meta'"),
@@ -603,11 +612,11 @@ def test_all_conditions_must_hold() -> None:
         (pol("app:p", conditions=(cond("meta.x", "lt", [1]),)), "'lt' needs a number or string"),
         (pol("app:p", conditions=(cond("meta.x", "gt", True),)), "'gt' needs a number or string"),
         (pol("app:p", conditions=(cond("meta.x", "matches", "(unclosed"),)), "regular expression"),
-        (pol("app:p", conditions=(cond("meta.x", "exists", "yes"),)), "'exists' takes"),
+        (pol("app:p", conditions=(cond("meta.x", "exists", "yes"),)), "exists takes true, false or no value"),
         (pol("app:p", conditions=(cond("meta.x", "exists", value_from="meta.y"),)), "no value_from"),
-        (pol("app:p", conditions=(cond("meta.x", "eq", 1, value_from="meta.y"),)), "not both"),
+        (pol("app:p", conditions=(cond("meta.x", "eq", 1, value_from="meta.y"),)), "give exactly one of"),
         (pol("app:p", conditions=(cond("meta.x", "eq", value_from="nope"),)), "value_from 'nope'"),
-        (pol("app:p", conditions=({"field": "meta.x", "operator": "eq"},)), "needs a value"),
+        (pol("app:p", conditions=(Condition("meta.x", "eq"),)), "give exactly one of value and value_from"),
         (pol("app:p", effect="permit"), "effect 'permit'"),
         (pol("app:p", actions=()), "actions is empty"),
         (pol("app:p", resources=("app:x", "")), "resources entry ''"),
@@ -622,18 +631,25 @@ def test_malformed_policies_are_invalid_at_construction(spec: PolicySpec, fragme
 
 
 def test_every_policy_problem_is_reported_at_once() -> None:
-    bad_a = PolicySpec("app:a", ("x",), ("*",), "maybe", where="app.yaml: entry app:a")
+    bad_a = PolicySpec("app:a", ("x",), ("*",), "maybe", origin=Origin("app.yaml", "app:a", 7))
     bad_b = pol("app:b", conditions=(cond("meta.x", "??", 1),))
     with pytest.raises(errors.Error) as info:
         engine_of(bad_a, pol("app:ok"), bad_b)
     problems = info.value.details["problems"]
     assert len(problems) == 2
-    assert problems[0].startswith("app.yaml: entry app:a:")
-    assert "app:b" in problems[1]
+    assert problems[0] == {
+        "file": "app.yaml",
+        "entry": "app:a",
+        "field": "policy.effect",
+        "message": "effect 'maybe' is not 'allow' or 'deny'",
+        "line": 7,
+    }
+    assert (problems[1]["entry"], problems[1]["field"]) == ("app:b", "policy.conditions[0].operator")
+    assert "app.yaml: entry app:a: field policy.effect: effect 'maybe'" in info.value.message
 
 
 def test_eq_null_value_is_allowed() -> None:
-    spec = pol("app:p", conditions=({"field": "meta.x", "operator": "eq", "value": None},))
+    spec = pol("app:p", conditions=(Condition("meta.x", "eq", None),))
     assert allowed(spec, x=None) is True
     assert allowed(spec, x=0) is False
 
@@ -925,11 +941,11 @@ def test_module_is_allowed_without_app() -> None:
     assert "no queue runtime" in info.value.message
 
 
-def test_module_is_allowed_uses_the_registered_engine() -> None:
+def test_module_is_allowed_uses_the_current_apps_engine() -> None:
     engine = engine_of(pol("app:p", "queue.info", "app:*"), strict=True)
-    set_engine_resolver(lambda: engine)
-    assert security.is_allowed("queue.info", "app:x") is False  # strict, no context
-    with security.context("svc", ["app:p"]):
+    with current_engine(engine):
+        assert security.is_allowed("queue.info", "app:x") is False  # strict, no context
+    with current_engine(engine), security.context("svc", ["app:p"]):
         assert security.is_allowed("queue.info", "app:x") is True
         assert security.is_allowed("queue.info", "ops:x") is False
         assert security.is_allowed("queue.publish") is False
@@ -937,8 +953,7 @@ def test_module_is_allowed_uses_the_registered_engine() -> None:
 
 def test_module_is_allowed_passes_meta() -> None:
     engine = engine_of(pol("app:p", conditions=(cond("meta.ok", "eq", True),)))
-    set_engine_resolver(lambda: engine)
-    with security.context("svc", ["app:p"]):
+    with current_engine(engine), security.context("svc", ["app:p"]):
         assert security.is_allowed("x", "", {"ok": True}) is True
         assert security.is_allowed("x", "", {"ok": 1}) is False
         assert security.is_allowed("x") is False

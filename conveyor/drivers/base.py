@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from conveyor import errors
 from conveyor.registry.model import DriverSpec, QueueSpec
+from conveyor.registry.options import Options
 
 __all__ = [
     "Capabilities",
@@ -38,14 +39,28 @@ Headers = dict[str, HeaderValue]
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """Documented differences between drivers; the conformance suite reads these."""
+    """Documented differences between drivers.
 
-    durable: bool = False  # messages survive a process restart
-    atomic_batches: bool = False  # publish_many stores all or nothing
-    atomic_dead_letter: bool = False  # DLQ copy + removal in one step
-    max_length: bool = False  # driver_options.<driver>.max_length enforced
-    cross_process: bool = False  # several processes may share the queues
-    native_delay: bool = False  # retry delays kept by the backend, not the process
+    The driver-level suite (``tests/conformance/test_driver_contract.py``) checks each
+    one both ways: what a driver claims, it does; what it does not claim is the
+    weaker behaviour the docs describe.
+    """
+
+    # Messages survive closing the driver and opening a new one on the same configuration.
+    durable: bool = False
+    # A batch the driver refuses (a full queue) stores nothing. Without it, the error's
+    # details["stored"] lists the indexes that were stored.
+    atomic_batches: bool = False
+    # A dead-letter move interrupted at any point leaves the message on exactly one of
+    # the two queues. Without it, it can be on both (a duplicate), never on neither.
+    atomic_dead_letter: bool = False
+    # driver_options.<name>.max_length is enforced: a publish beyond it is refused.
+    max_length: bool = False
+    # A second driver on the same configuration (another process) shares the queues.
+    cross_process: bool = False
+    # A retry delay is kept by the backend: it survives the driver being closed and
+    # reopened, and the message still waits it out.
+    native_delay: bool = False
 
 
 @dataclass(slots=True)
@@ -144,12 +159,12 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def subscribe(
-        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
     ) -> Subscription:
         """Attach a consumer. With ``auto_ack`` a delivery is settled when handed out.
 
-        ``options`` is the consumer's ``driver_options`` section for this driver
-        (e.g. ``driver_options.amqp`` for the AMQP driver), already validated.
+        ``options`` is the consumer's ``driver_options``: every bag written, validated;
+        the driver reads its own (``SCHEMA.consumer_options(options)``).
         """
 
     @abc.abstractmethod
@@ -164,4 +179,5 @@ def queue_full(queue: QueueSpec, limit: int) -> errors.Error:
         queue=queue.id,
         reason="queue_full",
         max_length=limit,
+        retryable=True,
     )

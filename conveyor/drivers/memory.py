@@ -25,8 +25,10 @@ from conveyor.drivers.base import (
     Subscription,
     queue_full,
 )
+from conveyor.drivers.options.memory import SCHEMA
 from conveyor.drivers.waiters import Waiters
-from conveyor.registry.model import QueueSpec
+from conveyor.registry.model import DriverSpec, QueueSpec
+from conveyor.registry.options import Options
 
 __all__ = ["MemoryDriver"]
 
@@ -182,8 +184,9 @@ class MemoryDriver(Driver):
     kind = "queue.driver.memory"
     capabilities = Capabilities(atomic_batches=True, atomic_dead_letter=True, max_length=True)
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
+        SCHEMA.driver_options(spec.options)  # takes none, but not someone else's
         self._queues: dict[str, _Queue] = {}
 
     async def open(self) -> None:
@@ -195,7 +198,7 @@ class MemoryDriver(Driver):
             q.wake_all()
 
     async def declare(self, queue: QueueSpec) -> None:
-        max_length = queue.driver_options.get("memory", {}).get("max_length")
+        max_length = SCHEMA.queue_options(queue.driver_options).max_length
         existing = self._queues.get(queue.queue_name)
         if existing is None:
             self._queues[queue.queue_name] = _Queue(queue.queue_name, max_length)
@@ -217,7 +220,7 @@ class MemoryDriver(Driver):
             q.put(_Stored(out.id, out.body, out.headers))
 
     async def subscribe(
-        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
     ) -> Subscription:
         q = self._queue(queue)
         sub = _MemorySubscription(self._queues, q, prefetch, auto_ack)

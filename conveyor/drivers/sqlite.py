@@ -37,9 +37,11 @@ from conveyor.drivers.base import (
     Subscription,
     queue_full,
 )
+from conveyor.drivers.options.sqlite import SCHEMA
 from conveyor.drivers.sqlite_store import Database, owner_alive, owner_id
 from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import DriverSpec, QueueSpec
+from conveyor.registry.options import Options
 
 __all__ = ["SqliteDriver"]
 
@@ -72,13 +74,8 @@ def _unpack(blob: bytes) -> Headers:
     return headers
 
 
-def _max_length(queue: QueueSpec) -> int | None:
-    value = queue.driver_options.get("sqlite", {}).get("max_length")
-    return int(value) if value is not None else None
-
-
 def _check_room(conn: sqlite3.Connection, queue: QueueSpec, adding: int) -> None:
-    limit = _max_length(queue)
+    limit = SCHEMA.queue_options(queue.driver_options).max_length
     if limit is None:
         return
     (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue.queue_name,)).fetchone()
@@ -99,16 +96,12 @@ class SqliteDriver(Driver):
 
     def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
-        options = spec.options
-        self.path: str = options["path"]
-        self.poll_interval: float = options.get("poll_interval", 0.1)
-        self.lease_duration: float = options.get("lease_duration", 30.0)
+        options = SCHEMA.driver_options(spec.options)
+        self.path = options.path
+        self.poll_interval = options.poll_interval
+        self.lease_duration = options.lease_duration
         self.owner = owner_id()
-        self.db = Database(
-            self.path,
-            synchronous=options.get("synchronous", "full"),
-            busy_timeout=options.get("busy_timeout", 5.0),
-        )
+        self.db = Database(self.path, synchronous=options.synchronous, busy_timeout=options.busy_timeout)
         self._subscriptions: dict[str, set[_SqliteSubscription]] = {}
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -152,7 +145,7 @@ class SqliteDriver(Driver):
     # -- consuming -------------------------------------------------------------------
 
     async def subscribe(
-        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
     ) -> Subscription:
         sub = _SqliteSubscription(self, queue, prefetch, auto_ack)
         await self.db.submit(sub.register)

@@ -110,10 +110,14 @@ def translate(exc: sqlite3.Error, path: str) -> errors.Error:
     text = str(exc)
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
         return errors.internal(
-            f"SQLite file {path} stayed busy (another process holds its write lock)", path=path
+            f"SQLite file {path} stayed busy (another process holds its write lock)",
+            path=path,
+            retryable=True,
         )
     if name.startswith("SQLITE_FULL") or "disk is full" in text:
-        return errors.internal(f"disk full: cannot write {path}; nothing was stored", path=path)
+        return errors.internal(
+            f"disk full: cannot write {path}; nothing was stored", path=path, retryable=True
+        )
     if name.startswith("SQLITE_READONLY") or "readonly" in text:
         return errors.internal(
             f"SQLite file {path} is read-only: {text}", retryable=False, path=path, reason="readonly"
@@ -137,8 +141,9 @@ def translate(exc: sqlite3.Error, path: str) -> errors.Error:
             f"I/O error on SQLite file {path} ({name}): {text}; check that the file is writable "
             "and the disk healthy",
             path=path,
+            retryable=True,
         )
-    return errors.internal(f"SQLite error on {path}: {text}", path=path)
+    return errors.internal(f"SQLite error on {path}: {text}", path=path, retryable=True)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -200,7 +205,7 @@ class Database:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         if self._closed:
-            future.set_exception(errors.internal(f"SQLite driver for {self.path} is closed"))
+            future.set_exception(errors.internal(f"SQLite driver for {self.path} is closed", retryable=True))
             return future
         self._jobs.put(Job(fn, future, write))
         return future
@@ -311,7 +316,11 @@ class Database:
         except sqlite3.Error as exc:
             return (job.future, False, translate(exc, self.path))
         except Exception as exc:  # a bug in a job: answer it, keep the thread alive
-            return (job.future, False, errors.internal(f"unexpected error in the SQLite driver: {exc!r}"))
+            return (
+                job.future,
+                False,
+                errors.internal(f"unexpected error in the SQLite driver: {exc!r}", retryable=True),
+            )
 
     def _write(
         self, conn: sqlite3.Connection, jobs: list[Job]

@@ -54,16 +54,18 @@ class LuaFunction:
         self.id = spec.id
         self.method = spec.method
         self.path = _source_path(spec)
-        self._where = spec.where or spec.id
+        self._origin = spec.origin
         try:
             self._source = self.path.read_bytes()
         except OSError as exc:
-            raise errors.invalid(f"{self._where}: cannot read Lua file {str(self.path)!r}: {exc}") from None
+            raise errors.invalid(f"cannot read Lua file {str(self.path)!r}: {exc}") from None
         self._chunkname = _chunkname(self.path, spec.base_dir)
         self._modules = ModuleFiles(spec.base_dir)
         self.log = logging.getLogger(f"conveyor.lua.{spec.id}")
         self._local = threading.local()
-        self._state()  # load now: syntax errors and a missing entry point fail at start
+        # Load now, in the resolving thread: syntax errors and a missing entry point fail
+        # at start, and the caller says which entry failed.
+        self._local.state = self._new_state()
 
     def __repr__(self) -> str:
         return f"<LuaFunction {self.id} ({self.path.name}:{self.method or 'main'})>"
@@ -74,16 +76,20 @@ class LuaFunction:
     def _state(self) -> LuaState:
         state: LuaState | None = getattr(self._local, "state", None)
         if state is None:
-            state = self._local.state = self._new_state()
+            try:
+                state = self._local.state = self._new_state()
+            except errors.Error as exc:  # a later thread's state: no caller knows the entry
+                where = str(self._origin) or self.id
+                raise errors.invalid(f"{where}: {exc.message}") from None
         return state
 
     def _new_state(self) -> LuaState:
         try:
             return LuaState(self._source, self._chunkname, self.method, self._modules, self.log)
         except errors.Error as exc:
-            raise errors.invalid(f"{self._where}: Lua file {str(self.path)!r}: {exc.message}") from None
+            raise errors.invalid(f"Lua file {str(self.path)!r}: {exc.message}") from None
 
 
 def load_function(spec: FunctionSpec) -> LuaFunction:
-    """The callable for a ``function.lua`` entry (SPEC §1, §5); INVALID if it cannot load."""
+    """The callable for a ``function.lua`` entry; INVALID if it cannot load (see docs/lua.md)."""
     return LuaFunction(spec)

@@ -5,20 +5,36 @@ Settlement invariants live here, in one place: a message is settled at most once
 handler has returned, it is released — every further call raises INVALID. All state
 changes happen on the app's event loop thread, so no lock is needed: the blocking
 ``ack()``/``nack()`` used by sync handlers hop to the loop before claiming.
+
+A message settles through a :class:`Settler` (the consumer's settlement rules), not
+through the consumer itself: this layer knows nothing of worker pools.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from typing import Any, Protocol
 
 from conveyor import errors
 from conveyor._loop import forbid_running_loop, run_blocking
 from conveyor.drivers.base import Delivery, Headers, HeaderValue
 
-if TYPE_CHECKING:
-    from conveyor.consumer.runtime import Consumer
+__all__ = ["Message", "Settler"]
 
-__all__ = ["Message"]
+
+class Settler(Protocol):
+    """Where a handler's ``ack()``/``nack()`` go (implemented by the consumer runtime)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop settlements run on."""
+
+    async def ack(self, delivery: Delivery) -> None:
+        """The message was processed."""
+
+    async def nack(self, delivery: Delivery, reason: str) -> None:
+        """The attempt failed: retry later, or dead-letter once attempts are exhausted."""
+
 
 _OPEN = 0
 _SETTLED = 1
@@ -28,10 +44,10 @@ _RELEASED = 2
 class Message:
     """The message being handled: ``id``, ``header()``, ``headers``, ``body``, ``attempts``."""
 
-    __slots__ = ("_body", "_consumer", "_delivery", "_state")
+    __slots__ = ("_body", "_delivery", "_settler", "_state")
 
-    def __init__(self, consumer: Consumer, delivery: Delivery, body: Any, *, settled: bool = False) -> None:
-        self._consumer = consumer
+    def __init__(self, settler: Settler, delivery: Delivery, body: Any, *, settled: bool = False) -> None:
+        self._settler = settler
         self._delivery = delivery
         self._body = body
         self._state = _SETTLED if settled else _OPEN
@@ -70,21 +86,21 @@ class Message:
         """Settle as processed (blocking form, for sync handlers and threads)."""
         forbid_running_loop("msg.aack")
         self._check_live()
-        run_blocking(self._consumer.loop, self.aack())
+        run_blocking(self._settler.loop, self.aack())
 
     def nack(self) -> None:
         """Settle as failed: retried after the backoff, or dead-lettered (blocking form)."""
         forbid_running_loop("msg.anack")
         self._check_live()
-        run_blocking(self._consumer.loop, self.anack())
+        run_blocking(self._settler.loop, self.anack())
 
     async def aack(self) -> None:
         self._claim()
-        await self._consumer.settle_ok(self._delivery)
+        await self._settler.ack(self._delivery)
 
     async def anack(self) -> None:
         self._claim()
-        await self._consumer.settle_failed(self._delivery, "nacked by the handler")
+        await self._settler.nack(self._delivery, "nacked by the handler")
 
     # -- runtime side ---------------------------------------------------------------
 

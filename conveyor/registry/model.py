@@ -1,14 +1,23 @@
 """Typed, validated configuration entries: what the loader produces.
 
 Every object here is immutable and already validated; the runtime never re-checks
-configuration. Durations are float seconds. References are canonical IDs.
+configuration. Durations are float seconds. References are canonical IDs. Each spec
+carries the :class:`Origin` of its entry (file, ID, line) for messages. Driver
+options are typed records declared by each driver's options module (see
+:mod:`conveyor.registry.options`); ``driver_options`` maps a driver's name
+(``sqlite``, ``amqp``, ...) to its record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from conveyor.registry.conditions import Condition
+from conveyor.registry.options import NoOptions, Options
+from conveyor.registry.problems import Origin
 
 __all__ = [
     "ConsumerSpec",
@@ -22,24 +31,18 @@ __all__ = [
     "SecurityBlock",
 ]
 
+_NO_BAGS: Mapping[str, Options] = {}
+
 
 @dataclass(frozen=True, slots=True)
 class DriverSpec:
-    """A ``queue.driver.*`` entry. ``options`` holds the kind-specific fields, validated,
-    with defaults filled in and durations in seconds (see docs/configuration.md).
-
-    memory: none.
-    sqlite: ``path`` (absolute), ``busy_timeout``, ``poll_interval``.
-    amqp: ``url``, ``vhost``, ``connection_name``, ``auth_mechanism``, ``heartbeat``,
-    ``connection_timeout``, ``reconnect_delay``, ``reconnect_max_delay``,
-    ``default_message_ttl``, ``default_queue_expiry``, ``prefetch_count``,
-    ``frame_size``, ``channel_max``, ``tls`` (a dict).
-    """
+    """A ``queue.driver.*`` entry. ``options`` is the driver's own record, validated,
+    with defaults filled in (``conveyor/drivers/options/<name>.py``)."""
 
     id: str
     kind: str
-    options: dict[str, Any] = field(default_factory=dict)
-    where: str = ""  # "file.yaml: entry app:store", for messages
+    options: Options = field(default_factory=NoOptions)
+    origin: Origin = Origin()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +79,10 @@ class QueueSpec:
     codec: str = "json/plain"
     dead_letter: DeadLetterSpec | None = None
     retry: RetrySpec = field(default_factory=RetrySpec)
-    # {"memory": {"max_length": 10}, "sqlite": {...}, "amqp": {...}}
-    driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    where: str = ""
+    # {"memory": MemoryQueueOptions(max_length=10), "amqp": AmqpQueueOptions(...)}: the bags
+    # written, each validated by its driver's record; a driver reads its own.
+    driver_options: Mapping[str, Options] = field(default_factory=lambda: _NO_BAGS)
+    origin: Origin = Origin()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +106,12 @@ class ConsumerSpec:
     auto_ack: bool = False
     timeout: float | None = None
     security: SecurityBlock | None = None
-    driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    driver_options: Mapping[str, Options] = field(default_factory=lambda: _NO_BAGS)
     lua_source: Path | None = None  # consumer `source:` file for `method:` Lua lookup
     base_dir: Path | None = None  # directory of the declaring YAML (for `handler:` imports)
     auto_start: bool = True
     depends_on: tuple[str, ...] = ()
-    where: str = ""
+    origin: Origin = Origin()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,7 @@ class FunctionSpec:
     method: str | None = None
     base_dir: Path = field(default_factory=Path)  # directory of the declaring YAML file
     on_start: bool = False  # lifecycle.on_start: called once when consumers start
-    where: str = ""
+    origin: Origin = Origin()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +131,9 @@ class PolicySpec:
     actions: tuple[str, ...]
     resources: tuple[str, ...]
     effect: str  # "allow" | "deny"
-    conditions: tuple[dict[str, Any], ...] = ()
+    conditions: tuple[Condition, ...] = ()
     groups: tuple[str, ...] = ()
-    where: str = ""
+    origin: Origin = Origin()
 
 
 @dataclass(frozen=True, slots=True)

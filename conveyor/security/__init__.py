@@ -2,7 +2,7 @@
 
 ``with security.context(actor, policies=[...], groups=[...])`` (or ``async with
 security.acontext(...)``) sets the context that publishes and
-:func:`is_allowed` are judged by; see SPEC section 3 and :mod:`conveyor.security.policy`.
+:func:`is_allowed` are judged by; see docs/security.md and :mod:`conveyor.security.policy`.
 
 Note: ``security.context`` is the context-manager function, which shadows the
 ``conveyor.security.context`` submodule as a package attribute; import names from the
@@ -11,6 +11,7 @@ submodule with ``from conveyor.security.context import ...``.
 
 from __future__ import annotations
 
+from conveyor.security.access import is_allowed
 from conveyor.security.context import (
     Actor,
     SecurityContext,
@@ -19,7 +20,7 @@ from conveyor.security.context import (
     context_from_block,
     current,
 )
-from conveyor.security.policy import PolicyEngine, is_allowed
+from conveyor.security.policy import PolicyEngine
 
 __all__ = [
     "Actor",

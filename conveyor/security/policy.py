@@ -1,6 +1,6 @@
 """Policy evaluation: may this actor perform this action on this resource?
 
-Contract (SPEC section 3):
+Contract (docs/semantics.md#permissions):
 
 - A policy *applies* to a request when one of its action patterns matches the action,
   one of its resource patterns matches the resource, and every condition holds.
@@ -17,7 +17,13 @@ Contract (SPEC section 3):
   field does not silently lift the deny (e.g. prefer ``exists``-based rules).
 
 Configuration mistakes (unknown operator, bad field reference, bad regex, ...) are
-reported once, all together, as INVALID when the :class:`PolicyEngine` is built.
+reported once, all together, as INVALID when the :class:`PolicyEngine` is built; the
+rules for conditions are :mod:`conveyor.registry.conditions`, the ones the loader
+applies to YAML, so a policy that loads always compiles.
+
+The engine is passed to whoever needs it (the app's queue runtime); the module-level
+``security.is_allowed`` finds the current app's engine through the current app
+(:mod:`conveyor.security.access`).
 """
 
 from __future__ import annotations
@@ -30,18 +36,12 @@ from operator import attrgetter
 from typing import Any, Final, TypeGuard
 
 from conveyor import errors
+from conveyor.registry.conditions import NO_VALUE, Condition, FieldRef, parse_field
 from conveyor.registry.model import PolicySpec
-from conveyor.security.context import Actor, SecurityContext, as_names, current
+from conveyor.registry.problems import Problem, problems_error
+from conveyor.security.context import Actor, SecurityContext, as_names
 
-__all__ = [
-    "PUBLISH",
-    "PUBLISH_QUEUE",
-    "EngineResolver",
-    "PolicyEngine",
-    "Scope",
-    "is_allowed",
-    "set_engine_resolver",
-]
+__all__ = ["PUBLISH", "PUBLISH_QUEUE", "PolicyEngine", "Scope", "check_request"]
 
 PUBLISH: Final = "queue.publish"
 PUBLISH_QUEUE: Final = "queue.publish.queue"
@@ -72,21 +72,15 @@ _FIXED_FIELDS: Final[dict[str, _Getter]] = {
     "resource": attrgetter("resource"),
     "actor.id": attrgetter("actor_id"),
 }
-_PATH_FIELDS: Final = (("actor.meta.", "actor_meta"), ("meta.", "meta"))
+_PATH_SOURCES: Final = {"actor.meta": "actor_meta", "meta": "meta"}
 
 
-def _field_getter(ref: object) -> _Getter | None:
-    """The reader for a field reference, or None if ``ref`` is not a valid one."""
-    if not isinstance(ref, str):
-        return None
-    fixed = _FIXED_FIELDS.get(ref)
+def _field_getter(ref: FieldRef) -> _Getter:
+    """The reader for a parsed field reference."""
+    fixed = _FIXED_FIELDS.get(ref.source)
     if fixed is not None:
         return fixed
-    for prefix, attr in _PATH_FIELDS:
-        if ref.startswith(prefix):
-            path = tuple(ref[len(prefix) :].split("."))
-            return functools.partial(_walk, attr, path) if all(path) else None
-    return None
+    return functools.partial(_walk, _PATH_SOURCES[ref.source], ref.path)
 
 
 def _walk(attr: str, path: tuple[str, ...], request: _Request) -> object:
@@ -174,7 +168,6 @@ _BINARY: Final[dict[str, Callable[[object, object], bool]]] = {
     "contains": _op_contains,
     "matches": _op_matches,
 }
-_OPERATORS: Final = (*_BINARY, "exists")
 
 
 # --- conditions ---------------------------------------------------------------------
@@ -215,64 +208,22 @@ def _constant(value: object, _request: _Request) -> object:
     return value
 
 
-def _compile_condition(raw: Mapping[str, Any]) -> _Compare | _Exists:
-    """Build a condition already accepted by :func:`_condition_problem`."""
-    field = _field_getter(raw["field"])
-    assert field is not None  # validated
-    if raw["operator"] == "exists":
-        return _Exists(field, raw.get("value") is not False)
-    source = raw.get("value_from")
-    operand = _field_getter(source) if source is not None else functools.partial(_constant, raw["value"])
-    assert operand is not None  # validated
-    return _Compare(field, _BINARY[raw["operator"]], operand)
+def _getter(text: str | None) -> _Getter:
+    ref = parse_field(text)
+    assert ref is not None  # checked by Condition.problems()
+    return _field_getter(ref)
 
 
-def _condition_problem(raw: object) -> str | None:
-    """What is wrong with one condition mapping, or None."""
-    if not isinstance(raw, Mapping):
-        return f"a condition must be a mapping, not {type(raw).__name__}"
-    if _field_getter(raw.get("field")) is None:
-        return (
-            f"field {raw.get('field')!r} is not one of actor.id, actor.meta.<key>, meta.<key>, "
-            "action, resource"
-        )
-    operator = raw.get("operator")
-    if operator not in _OPERATORS:
-        return f"operator {operator!r} is not one of {', '.join(_OPERATORS)}"
-    if operator == "exists":
-        return _exists_problem(raw)
-    return _operand_problem(operator, raw)
-
-
-def _exists_problem(raw: Mapping[str, Any]) -> str | None:
-    if raw.get("value_from") is not None:
-        return "operator 'exists' takes no value_from"
-    value = raw.get("value")
-    if value is not None and not isinstance(value, bool):
-        return f"operator 'exists' takes true, false or no value, not {value!r}"
-    return None
-
-
-def _operand_problem(operator: str, raw: Mapping[str, Any]) -> str | None:
-    source = raw.get("value_from")
-    if source is not None:
-        if raw.get("value") is not None:
-            return "a condition takes value or value_from, not both"
-        return None if _field_getter(source) is not None else f"value_from {source!r} is not a field"
-    if "value" not in raw:
-        return f"operator {operator!r} needs a value or value_from"
-    return _value_problem(operator, raw["value"])
-
-
-def _value_problem(operator: str, value: object) -> str | None:
-    """Static values the operator could never use: caught now rather than never matching."""
-    if operator == "in" and not isinstance(value, list | tuple):
-        return f"operator 'in' needs a list value, not {value!r}"
-    if operator in ("lt", "gt") and not (_is_number(value) or isinstance(value, str)):
-        return f"operator {operator!r} needs a number or string value, not {value!r}"
-    if operator == "matches" and not (isinstance(value, str) and _regex(value) is not None):
-        return f"operator 'matches' needs a valid regular expression, not {value!r}"
-    return None
+def _compile_condition(condition: Condition) -> _Compare | _Exists:
+    """Build a condition whose :meth:`Condition.problems` are none."""
+    field = _getter(condition.field)
+    if condition.operator == "exists":
+        return _Exists(field, condition.must_exist)
+    if condition.value_from is not None:
+        operand = _getter(condition.value_from)
+    else:
+        operand = functools.partial(_constant, None if condition.value is NO_VALUE else condition.value)
+    return _Compare(field, _BINARY[condition.operator], operand)
 
 
 # --- patterns and policies ----------------------------------------------------------
@@ -319,24 +270,30 @@ class _Policy:
         return not self._conditions or all(condition.holds(request) for condition in self._conditions)
 
 
-def _policy_problems(spec: PolicySpec) -> list[str]:
-    """Every configuration problem of one policy, prefixed with where it was declared."""
-    problems = _patterns_problems("actions", spec.actions) + _patterns_problems("resources", spec.resources)
+def _policy_problems(spec: PolicySpec) -> list[Problem]:
+    """Every configuration problem of one policy, located like the loader locates them."""
+    found = [("policy.actions", p) for p in _patterns_problems("actions", spec.actions)]
+    found += [("policy.resources", p) for p in _patterns_problems("resources", spec.resources)]
     if spec.effect not in ("allow", "deny"):
-        problems.append(f"effect {spec.effect!r} is not 'allow' or 'deny'")
-    for index, raw in enumerate(spec.conditions):
-        problem = _condition_problem(raw)
-        if problem is not None:
-            problems.append(f"conditions[{index}]: {problem}")
-    where = spec.where or f"policy {spec.id}"
-    return [f"{where}: {problem}" for problem in problems]
+        found.append(("policy.effect", f"effect {spec.effect!r} is not 'allow' or 'deny'"))
+    for index, item in enumerate(spec.conditions):
+        condition: object = item  # a spec built in Python may hold anything
+        if not isinstance(condition, Condition):
+            found.append(
+                (f"policy.conditions[{index}]", f"expected a Condition, got {type(condition).__name__}")
+            )
+            continue
+        found += [(f"policy.conditions[{index}].{key}", message) for key, message in condition.problems()]
+    origin = spec.origin
+    entry = origin.entry or spec.id
+    return [Problem(origin.file, entry, field, message, origin.line) for field, message in found]
 
 
 def _compile(spec: PolicySpec) -> _Policy:
     """Compile one policy; INVALID listing every problem if it is malformed."""
     problems = _policy_problems(spec)
     if problems:
-        raise errors.invalid("invalid security policy: " + "; ".join(problems), problems=problems)
+        raise problems_error("invalid security policy", problems)
     return _Policy(spec)
 
 
@@ -364,7 +321,8 @@ def _denied(ctx: SecurityContext | None, action: str, resource: str) -> errors.E
     return errors.Error(errors.PERMISSION_DENIED, message, retryable=False, details=details)
 
 
-def _check_request(action: object, resource: object, meta: object) -> None:
+def check_request(action: object, resource: object, meta: object) -> None:
+    """INVALID unless ``action`` is a non-empty string, ``resource`` a string, ``meta`` a mapping."""
     if not isinstance(action, str) or not action:
         raise errors.invalid(f"action must be a non-empty string, not {action!r}")
     if not isinstance(resource, str):
@@ -391,7 +349,7 @@ class PolicyEngine:
         self._strict = strict
         problems = [p for spec in self._specs.values() for p in _policy_problems(spec)]
         if problems:
-            raise errors.invalid("invalid security policies: " + "; ".join(problems), problems=problems)
+            raise problems_error("invalid security policies", problems)
         self._compiled = {pid: _Policy(spec) for pid, spec in self._specs.items()}
         self._groups = _index_groups(self._specs)
 
@@ -442,7 +400,7 @@ class PolicyEngine:
         ``meta`` is the request metadata that ``meta.X`` conditions read. Raises INVALID
         for a malformed action or resource and NOT_FOUND for an unresolvable scope.
         """
-        _check_request(action, resource, meta)
+        check_request(action, resource, meta)
         if ctx is None:
             return not self._strict
         return _permits(ctx.scope_for(self), _Request(action, resource, ctx.actor, meta))
@@ -494,44 +452,3 @@ def _not_found(policies: list[str], groups: list[str]) -> errors.Error:
     parts = [f"unknown security policy {p!r}" for p in policies]
     parts += [f"unknown policy group {g!r}" for g in groups]
     return errors.not_found("; ".join(parts), policies=policies, groups=groups)
-
-
-# --- the current app's engine ---------------------------------------------------------
-
-EngineResolver = Callable[[], PolicyEngine | None]
-
-
-def _no_engine() -> PolicyEngine | None:
-    return None
-
-
-_resolver: EngineResolver = _no_engine
-
-
-def set_engine_resolver(fn: EngineResolver | None) -> None:
-    """Register how :func:`is_allowed` finds the current app's engine (None: forget it).
-
-    The app runtime registers this so that this package does not import it. ``fn``
-    returns the current app's engine, or None when there is no current app.
-    """
-    global _resolver
-    _resolver = fn if fn is not None else _no_engine
-
-
-def is_allowed(action: str, resource: str = "", meta: Mapping[str, Any] | None = None) -> bool:
-    """Whether the current security context may perform ``action`` on ``resource``.
-
-    Evaluated by the current app's engine. Without a current app there is no policy
-    to consult and no strict flag: with no security context the answer is True, and
-    with one it raises INVALID "no queue runtime" rather than guess.
-    """
-    _check_request(action, resource, meta)
-    engine = _resolver()
-    ctx = current()
-    if engine is not None:
-        return engine.is_allowed(ctx, action, resource, meta)
-    if ctx is None:
-        return True
-    raise errors.invalid(
-        "no queue runtime: security.is_allowed needs a running conveyor app to resolve policies"
-    )

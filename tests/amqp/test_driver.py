@@ -112,7 +112,7 @@ def test_attempts_count_every_unsettled_delivery(amqp: Harness, queue_type: str)
     q = amqp.queue("crashy", driver_options={"amqp": {"queue_type": queue_type}})
     with amqp.load() as app:
         queue.publish(q, "x")
-        bound = app._bound_queue(q)
+        bound = app.runtime.queue(q)
 
         async def lease_and_vanish() -> int:
             sub = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})
@@ -178,7 +178,7 @@ def test_stop_returns_prefetched_messages_without_costing_an_attempt(amqp: Harne
         left = queue.info(q)
         assert left["in_flight"] == 0
         assert left["message_count"] == 6 - len(done) > 0
-        bound = app._bound_queue(q)
+        bound = app.runtime.queue(q)
 
         async def drain() -> None:
             sub = await bound.driver.subscribe(bound.spec, prefetch=10, auto_ack=False, options={})
@@ -240,7 +240,7 @@ def test_connection_options_reach_the_broker(amqp: Harness) -> None:
     sink = Sink()
     amqp.consumer("worker", "opts", sink.record)
     with amqp.load() as app:
-        bound = app._bound_queue(q)
+        bound = app.runtime.queue(q)
         driver = bound.driver
         assert isinstance(driver, AmqpDriver)
         conn = on_loop(app, driver.link.connection())
@@ -266,6 +266,7 @@ def test_wrong_password_fails_at_start_with_a_clear_error(amqp: Harness) -> None
 
 
 def test_inline_pem_in_yaml_is_kept_as_pem(tmp_path: Any) -> None:
+    from conveyor.drivers.options.amqp import AmqpOptions
     from conveyor.registry.loader import load_registry
 
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -275,9 +276,10 @@ def test_inline_pem_in_yaml_is_kept_as_pem(tmp_path: Any) -> None:
         + repr(pem).replace("'", '"')
         + ", cert: c.pem}}\n"
     )
-    tls = load_registry(tmp_path / "app.yaml").drivers["app:b"].options["tls"]
-    assert tls["ca"] == pem
-    assert tls["cert"] == str(tmp_path / "c.pem")
+    options = load_registry(tmp_path / "app.yaml").drivers["app:b"].options
+    assert isinstance(options, AmqpOptions) and options.tls is not None
+    assert options.tls.ca == pem
+    assert options.tls.cert == str(tmp_path / "c.pem")
 
 
 def test_queue_deleted_under_a_consumer_is_redeclared_and_consumed_again(amqp: Harness) -> None:
@@ -290,7 +292,7 @@ def test_queue_deleted_under_a_consumer_is_redeclared_and_consumed_again(amqp: H
         queue.publish(q, "before")
         wait_until(lambda: len(sink) == 1)
         name = f"{amqp.namespace}.deleted"
-        driver = app._bound_queue(q).driver
+        driver = app.runtime.queue(q).driver
         assert isinstance(driver, AmqpDriver)
         sub = next(iter(driver._subs))
         first_tag = sub._consumer_tag

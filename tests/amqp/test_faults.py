@@ -34,7 +34,7 @@ FAST_RECONNECT = {"reconnect_delay": "200ms", "reconnect_max_delay": "1s", "conn
 
 
 def driver_of(app: Any, qid: str) -> AmqpDriver:
-    driver = app._bound_queue(qid).driver
+    driver = app.runtime.queue(qid).driver
     assert isinstance(driver, AmqpDriver)
     return driver
 
@@ -90,7 +90,7 @@ def drain(app: Any, qid: str, expect_at_least: int) -> set[int]:
     import asyncio
     import json
 
-    bound = app._bound_queue(qid)
+    bound = app.runtime.queue(qid)
     seen: set[int] = set()
 
     async def run() -> None:
@@ -283,7 +283,7 @@ def test_consumer_killed_mid_handler_message_is_redelivered_with_attempts_raised
             wait_until(lambda: marker.exists() and "started" in marker.read_text(), timeout=30)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
-            bound = app._bound_queue(q)
+            bound = app.runtime.queue(q)
 
             async def take() -> int:
                 sub = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})

@@ -11,6 +11,7 @@ import pytest
 
 from conveyor import errors
 from conveyor.drivers.amqp._link import backoff_delays, connection_url, ssl_context
+from conveyor.drivers.options.amqp import AmqpOptions, AmqpTls
 
 
 def test_backoff_grows_exponentially_with_jitter_and_caps() -> None:
@@ -24,7 +25,7 @@ def test_backoff_grows_exponentially_with_jitter_and_caps() -> None:
 
 def test_url_options() -> None:
     url = connection_url(
-        {"url": "amqp://u:p@127.0.0.1:5673/", "vhost": "a/b", "heartbeat": 2.5, "auth_mechanism": "AMQPLAIN"}
+        AmqpOptions(url="amqp://u:p@127.0.0.1:5673/", vhost="a/b", heartbeat=2.5, auth_mechanism="AMQPLAIN")
     )
     assert url.raw_path == "/a%2Fb"
     assert url.query["heartbeat"] == "3"  # whole seconds, rounded up
@@ -33,11 +34,11 @@ def test_url_options() -> None:
 
 
 def test_default_heartbeat_and_tls_scheme() -> None:
-    assert connection_url({"url": "amqp://h/"}).query["heartbeat"] == "30"
-    assert connection_url({"url": "amqp://h/", "heartbeat": 0}).query["heartbeat"] == "0"
-    tls_url = connection_url({"url": "amqp://h/", "tls": {"enabled": True}})
+    assert connection_url(AmqpOptions(url="amqp://h/")).query["heartbeat"] == "30"
+    assert connection_url(AmqpOptions(url="amqp://h/", heartbeat=0)).query["heartbeat"] == "0"
+    tls_url = connection_url(AmqpOptions(url="amqp://h/", tls=AmqpTls(enabled=True)))
     assert tls_url.scheme == "amqps" and tls_url.port == 5671
-    assert ssl_context(None, connection_url({"url": "amqp://h/"})) is None
+    assert ssl_context(None, connection_url(AmqpOptions(url="amqp://h/"))) is None
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_tls_with_inline_pem(pem: dict[str, str]) -> None:
-    url = connection_url({"url": "amqps://h/"})
-    context = ssl_context({"cert": pem["cert"], "key": pem["key"], "ca": pem["cert"]}, url)
+    url = connection_url(AmqpOptions(url="amqps://h/"))
+    context = ssl_context(AmqpTls(cert=pem["cert"], key=pem["key"], ca=pem["cert"]), url)
     assert isinstance(context, ssl.SSLContext)
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.cert_store_stats()["x509_ca"] == 1
@@ -83,17 +84,17 @@ def test_tls_with_inline_pem(pem: dict[str, str]) -> None:
 def test_tls_with_files_env_and_insecure(pem: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("T_CERT", pem["cert"])
     monkeypatch.setenv("T_KEY", pem["key"])
-    url = connection_url({"url": "amqps://h/"})
-    context = ssl_context({"cert_env": "T_CERT", "key_env": "T_KEY", "insecure_skip_verify": True}, url)
+    url = connection_url(AmqpOptions(url="amqps://h/"))
+    context = ssl_context(AmqpTls(cert_env="T_CERT", key_env="T_KEY", insecure_skip_verify=True), url)
     assert context is not None and context.verify_mode == ssl.CERT_NONE and not context.check_hostname
-    by_file = ssl_context({"cert": pem["cert_path"], "key": pem["key_path"], "ca": pem["cert_path"]}, url)
+    by_file = ssl_context(AmqpTls(cert=pem["cert_path"], key=pem["key_path"], ca=pem["cert_path"]), url)
     assert by_file is not None
 
 
 def test_tls_env_variable_missing_is_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOPE_CERT", raising=False)
     with pytest.raises(errors.Error) as info:
-        ssl_context({"cert_env": "NOPE_CERT"}, connection_url({"url": "amqps://h/"}))
+        ssl_context(AmqpTls(cert_env="NOPE_CERT"), connection_url(AmqpOptions(url="amqps://h/")))
     assert info.value.kind == errors.INVALID and "NOPE_CERT" in info.value.message
 
 
@@ -111,6 +112,6 @@ def test_inline_pem_is_written_privately_and_removed(
         return handle
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", spy)
-    ssl_context({"cert": pem["cert"], "key": pem["key"]}, connection_url({"url": "amqps://h/"}))
+    ssl_context(AmqpTls(cert=pem["cert"], key=pem["key"]), connection_url(AmqpOptions(url="amqps://h/")))
     assert len(seen) == 2
     assert not any(p.exists() for p in seen)

@@ -402,7 +402,7 @@ def test_a_tls_connection_closed_by_the_broker_comes_back_with_the_same_identity
         app.start_consumers()
         queue.publish(q, "before")
         wait_until(lambda: len(sink) == 1, timeout=15)
-        driver = app._bound_queue(q).driver
+        driver = app.runtime.queue(q).driver
         assert isinstance(driver, AmqpDriver)
         tls_node.ctl("close_all_connections", "conveyor TLS test")
         wait_until(lambda: driver.link.generation >= 2 and driver.link.is_up, timeout=15)

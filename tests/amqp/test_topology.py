@@ -16,15 +16,19 @@ from conveyor.drivers.amqp._topology import (
     parse_difference,
     queue_declaration,
 )
+from conveyor.drivers.options.amqp import AmqpOptions, AmqpQueueOptions
 from conveyor.registry.model import QueueSpec
+
+NO_DEFAULTS = AmqpOptions()
 
 
 def spec(**amqp: Any) -> QueueSpec:
-    return QueueSpec(id="app:q", driver="app:b", queue_name="app.q", driver_options={"amqp": amqp})
+    bags = {"amqp": AmqpQueueOptions(**amqp)}
+    return QueueSpec(id="app:q", driver="app:b", queue_name="app.q", driver_options=bags)
 
 
 def test_defaults_are_a_durable_classic_queue_without_arguments() -> None:
-    decl = queue_declaration(spec(), {})
+    decl = queue_declaration(spec(), NO_DEFAULTS)
     assert (decl.name, decl.durable, decl.auto_delete, decl.exclusive, decl.arguments) == (
         "app.q",
         True,
@@ -47,7 +51,7 @@ def test_every_option_maps_to_its_argument() -> None:
             queue_type="classic",
             max_priority=9,
         ),
-        {},
+        NO_DEFAULTS,
     )
     assert (decl.durable, decl.auto_delete, decl.exclusive) == (False, True, True)
     assert decl.arguments == {
@@ -61,20 +65,20 @@ def test_every_option_maps_to_its_argument() -> None:
 
 
 def test_max_length_without_overflow_rejects_publishes_instead_of_dropping() -> None:
-    assert queue_declaration(spec(max_length=3), {}).arguments == {
+    assert queue_declaration(spec(max_length=3), NO_DEFAULTS).arguments == {
         "x-max-length": 3,
         "x-overflow": "reject-publish",
     }
 
 
 def test_driver_defaults_apply_unless_the_queue_sets_its_own() -> None:
-    defaults = {"default_message_ttl": 2.0, "default_queue_expiry": 30.0}
+    defaults = AmqpOptions(default_message_ttl=2.0, default_queue_expiry=30.0)
     assert queue_declaration(spec(), defaults).arguments == {"x-message-ttl": 2000, "x-expires": 30000}
     assert queue_declaration(spec(message_ttl=0.5), defaults).arguments["x-message-ttl"] == 500
 
 
 def test_delay_queue_dead_letters_back_to_its_source() -> None:
-    decl = delay_declaration(queue_declaration(spec(), {}), 250)
+    decl = delay_declaration(queue_declaration(spec(), NO_DEFAULTS), 250)
     assert decl.name == delay_name("app.q", 250) == "app.q.conveyor-delay-250ms"
     assert decl.durable and not decl.exclusive
     assert decl.arguments == {
@@ -86,7 +90,7 @@ def test_delay_queue_dead_letters_back_to_its_source() -> None:
 
 
 def test_delay_queue_of_a_bounded_queue_never_drops_a_returning_retry() -> None:
-    decl = delay_declaration(queue_declaration(spec(max_length=5, durable=False), {}), 1000)
+    decl = delay_declaration(queue_declaration(spec(max_length=5, durable=False), NO_DEFAULTS), 1000)
     assert decl.durable
     assert decl.arguments["x-queue-type"] == "quorum"
     assert decl.arguments["x-dead-letter-strategy"] == "at-least-once"

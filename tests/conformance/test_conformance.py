@@ -674,7 +674,7 @@ def test_undecodable_message_goes_to_dead_letter_queue(harness: Harness) -> None
     harness.consumer("worker", "jsonq", calls.append)
     harness.consumer("dlq_worker", "jsonq_dlq", dlq_sink.record)
     with running(harness) as app:
-        bound = app._bound_queue(q)
+        bound = app.runtime.queue(q)
         from conveyor.drivers.base import Outgoing
 
         app_loop = app.loop
@@ -825,7 +825,7 @@ def test_message_whose_attempts_never_settled_is_dead_lettered_without_running(h
     harness.consumer("dlq_worker", "poison_dlq", dlq_sink.record)
     with harness.load() as app:
         queue.publish(q, "kills its worker")
-        bound = app._bound_queue(q)
+        bound = app.runtime.queue(q)
 
         async def lease_and_vanish() -> int:
             # What a consumer that dies mid-handler leaves behind: a delivery that was

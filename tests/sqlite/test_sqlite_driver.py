@@ -143,7 +143,7 @@ def test_messages_survive_a_restart_of_the_app(tmp_path: Path) -> None:
         queue.publish_many("t:jobs", [{"n": 2}, {"n": 3}])
     with conveyor.load(path) as app:
         assert queue.info("t:jobs")["message_count"] == 3
-        bound = app._bound_queue("t:jobs")
+        bound = app.runtime.queue("t:jobs")
 
         async def take_all() -> list[Any]:
             sub = await bound.driver.subscribe(bound.spec, prefetch=10, auto_ack=False, options={})
@@ -169,7 +169,7 @@ def test_concurrent_publishes_share_commits(tmp_path: Path) -> None:
 
     async def main() -> tuple[int, int]:
         async with app:
-            driver = app._bound_queue("t:jobs").driver
+            driver = app.runtime.queue("t:jobs").driver
             before = driver.db.commits  # type: ignore[attr-defined]
             await asyncio.gather(*(queue.apublish("t:jobs", {"n": i}) for i in range(200)))
             return driver.db.commits - before, (await queue.ainfo("t:jobs"))["message_count"]  # type: ignore[attr-defined]
@@ -185,7 +185,7 @@ def test_publish_many_is_one_transaction(tmp_path: Path) -> None:
 
     async def main() -> int:
         async with app:
-            driver = app._bound_queue("t:jobs").driver
+            driver = app.runtime.queue("t:jobs").driver
             before = driver.db.commits  # type: ignore[attr-defined]
             assert await queue.apublish_many("t:jobs", [{"n": i} for i in range(500)]) == 500
             return int(driver.db.commits - before)  # type: ignore[attr-defined]
@@ -312,7 +312,7 @@ def test_expired_lease_of_a_stalled_holder_makes_the_message_available(tmp_path:
             )
         info = queue.info("t:jobs")
         assert (info["in_flight"], info["ready"]) == (1, 0)
-        bound = app._bound_queue("t:jobs")
+        bound = app.runtime.queue("t:jobs")
 
         async def take() -> None:
             sub = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 import conveyor
-from conveyor.drivers import driver_class
+from conveyor.drivers.kinds import driver_class
 from conveyor.drivers.base import Capabilities
 from tests.support.handlers import install
 

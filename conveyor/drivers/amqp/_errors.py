@@ -80,4 +80,4 @@ def publish_error(exc: BaseException, queue_id: str, *, full: bool, **details: A
             "connection",
             (f"publish to {queue_id} failed: {describe(exc)}; the message may or may not be stored"),
         )
-    return errors.internal(text, queue=queue_id, reason=reason, **details)
+    return errors.internal(text, queue=queue_id, reason=reason, **details, retryable=True)

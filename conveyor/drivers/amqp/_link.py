@@ -36,13 +36,13 @@ from yarl import URL
 
 from conveyor import errors
 from conveyor.drivers.amqp._errors import describe
+from conveyor.drivers.options.amqp import AmqpOptions, AmqpTls
 
-__all__ = ["DEFAULT_TIMEOUT", "Link", "LinkListener", "backoff_delays"]
+__all__ = ["Link", "LinkListener", "backoff_delays", "connection_url", "ssl_context"]
 
 log = logging.getLogger("conveyor.drivers.amqp")
 
-DEFAULT_TIMEOUT = 15.0
-DEFAULT_HEARTBEAT = 30
+DEFAULT_HEARTBEAT = 30  # seconds, when neither the options nor the URL set one
 
 
 class LinkListener(Protocol):
@@ -134,31 +134,29 @@ class _AmqplainMechanism:
 # -- options -> connection arguments ------------------------------------------------------------
 
 
-def connection_url(options: Mapping[str, Any]) -> URL:
+def connection_url(options: AmqpOptions) -> URL:
     """The broker URL with ``vhost``, ``heartbeat`` and ``auth_mechanism`` applied."""
-    url = URL(options.get("url") or "amqp://guest:guest@localhost:5672/")
-    tls = options.get("tls") or {}
-    if tls.get("enabled") and url.scheme == "amqp":
+    url = URL(options.url)
+    if options.tls is not None and options.tls.enabled and url.scheme == "amqp":
         url = url.with_scheme("amqps").with_port(url.explicit_port or 5671)
-    vhost = options.get("vhost")
-    if vhost is not None:
-        url = url.with_path("/" + vhost.replace("/", "%2F"), encoded=True)
+    if options.vhost is not None:
+        url = url.with_path("/" + options.vhost.replace("/", "%2F"), encoded=True)
     query = dict(url.query)
-    heartbeat = options.get("heartbeat")
+    heartbeat = options.heartbeat
     if heartbeat is not None:
         query["heartbeat"] = str(math.ceil(heartbeat)) if heartbeat > 0 else "0"
     elif "heartbeat" not in query:
         query["heartbeat"] = str(DEFAULT_HEARTBEAT)
-    if options.get("auth_mechanism"):
-        query["auth"] = options["auth_mechanism"]
+    if options.auth_mechanism:
+        query["auth"] = options.auth_mechanism
     return url.with_query(query)
 
 
-def ssl_context(tls: Mapping[str, Any] | None, url: URL) -> ssl.SSLContext | None:
+def ssl_context(tls: AmqpTls | None, url: URL) -> ssl.SSLContext | None:
     """An SSL context from the ``tls`` block: PEM given inline, by file, or in env vars."""
     if url.scheme != "amqps":  # connection_url() already switched to amqps when tls.enabled
         return None
-    tls = tls or {}
+    tls = tls or AmqpTls()
     ca = _pem(tls, "ca")
     try:
         context = ssl.create_default_context(
@@ -172,19 +170,19 @@ def ssl_context(tls: Mapping[str, Any] | None, url: URL) -> ssl.SSLContext | Non
             _load_chain(context, cert, key)
         except OSError as exc:
             raise _unloadable(tls, {"cert": cert, "key": key}, exc) from None
-    if tls.get("insecure_skip_verify"):
+    if tls.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
 
 
-def _unloadable(tls: Mapping[str, Any], values: Mapping[str, str | None], exc: OSError) -> errors.Error:
+def _unloadable(tls: AmqpTls, values: Mapping[str, str | None], exc: OSError) -> errors.Error:
     """INVALID naming the ``tls`` fields and files that ssl could not load (never the PEM itself)."""
     sources = []
     for name, value in values.items():
         if value is None:
             continue
-        env_name = tls.get(f"{name}_env")
+        env_name = getattr(tls, f"{name}_env")
         where = f"${env_name}" if env_name else "inline PEM" if _is_pem(value) else value
         sources.append(f"tls.{name}{'_env' if env_name else ''} ({where})")
     return errors.invalid(f"cannot load {' and '.join(sources)}: {exc}")
@@ -194,16 +192,16 @@ def _is_pem(text: str) -> bool:
     return "-----BEGIN" in text
 
 
-def _pem(tls: Mapping[str, Any], name: str) -> str | None:
+def _pem(tls: AmqpTls, name: str) -> str | None:
     """The PEM text or file path of ``name``; ``<name>_env`` names a variable holding PEM."""
-    env_name = tls.get(f"{name}_env")
+    env_name: str | None = getattr(tls, f"{name}_env")
     if env_name:
         value = os.environ.get(env_name)
         if not value:
             raise errors.invalid(f"tls.{name}_env: environment variable {env_name} is not set or empty")
         return value
-    value = tls.get(name)
-    return str(value) if value else None
+    found: str | None = getattr(tls, name)
+    return found or None
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
@@ -228,12 +226,12 @@ def _as_file(stack: contextlib.ExitStack, pem: str) -> str:
 class Link:
     """One connection, reconnected for as long as the driver is open."""
 
-    def __init__(self, options: Mapping[str, Any], *, name: str) -> None:
+    def __init__(self, options: AmqpOptions, *, name: str) -> None:
         self._options = options
         self._url = connection_url(options)
         self._safe_url = str(self._url.with_password("***") if self._url.password else self._url)
         self._name = name
-        self.timeout: float = options.get("connection_timeout") or DEFAULT_TIMEOUT
+        self.timeout = options.connection_timeout
         self._conn: aiormq.Connection | None = None
         self._up = asyncio.Event()
         self._closed = False
@@ -268,6 +266,7 @@ class Link:
             raise errors.internal(
                 f"cannot connect to the AMQP broker at {self._safe_url}: {describe(exc)}",
                 url=self._safe_url,
+                retryable=True,
             ) from None
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"conveyor-amqp-link:{self._name}"
@@ -275,15 +274,15 @@ class Link:
 
     async def _connect(self) -> None:
         opts = self._options
-        tls = opts.get("tls")
+        tls = opts.tls
         kwargs: dict[str, Any] = {}
-        if tls and tls.get("server_name") and self._url.scheme == "amqps":  # plain TCP refuses it
-            kwargs["server_hostname"] = tls["server_name"]
-        properties = {"connection_name": opts.get("connection_name") or self._name}
+        if tls is not None and tls.server_name and self._url.scheme == "amqps":  # plain TCP refuses it
+            kwargs["server_hostname"] = tls.server_name
+        properties = {"connection_name": opts.connection_name or self._name}
         conn = _Connection(
             self._url,
-            frame_max=opts.get("frame_size"),
-            channel_max=opts.get("channel_max"),
+            frame_max=opts.frame_size,
+            channel_max=opts.channel_max,
             context=ssl_context(tls, self._url),
             client_properties=properties,
             **kwargs,
@@ -335,6 +334,7 @@ class Link:
             f"the AMQP broker at {self._safe_url} is unreachable "
             f"(no connection for {self.timeout:g}s; last error: {self.last_error or 'none'})",
             reason="unreachable",
+            retryable=True,
         )
 
     async def channel(self, *, confirms: bool) -> AbstractChannel:
@@ -344,7 +344,7 @@ class Link:
             async with asyncio.timeout(self.timeout):
                 return await conn.channel(publisher_confirms=confirms)
         except Exception as exc:
-            raise errors.internal(f"cannot open an AMQP channel: {describe(exc)}") from None
+            raise errors.internal(f"cannot open an AMQP channel: {describe(exc)}", retryable=True) from None
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -366,7 +366,7 @@ class Link:
                 await listener.link_up()
 
     async def _reconnect(self) -> None:
-        delays = backoff_delays(self._options.get("reconnect_delay") or 1.0, self._max_delay())
+        delays = backoff_delays(self._options.reconnect_delay, self._options.reconnect_max_delay)
         attempt = 0
         while not self._closed:
             attempt += 1
@@ -379,9 +379,6 @@ class Link:
                 continue
             log.info("reconnected to %s after %d attempt(s)", self._safe_url, attempt)
             return
-
-    def _max_delay(self) -> float:
-        return float(self._options.get("reconnect_max_delay") or 30.0)
 
 
 def _close_reason(conn: aiormq.Connection) -> str:

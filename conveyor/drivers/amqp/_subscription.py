@@ -36,7 +36,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
@@ -47,6 +47,7 @@ from conveyor.drivers.amqp._errors import describe
 from conveyor.drivers.amqp._headers import attempts_of, decode_headers, has_delivery_count, republished
 from conveyor.drivers.amqp._link import backoff_delays
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
+from conveyor.drivers.options.amqp import AmqpConsumerOptions
 from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import QueueSpec
 
@@ -85,7 +86,7 @@ class AmqpSubscription(Subscription):
         *,
         prefetch: int,
         auto_ack: bool,
-        options: Mapping[str, Any],
+        options: AmqpConsumerOptions,
     ) -> None:
         self._driver = driver
         self._queue = queue
@@ -138,8 +139,8 @@ class AmqpSubscription(Subscription):
                 ok = await channel.basic_consume(
                     self.queue_name,
                     self._on_message,
-                    exclusive=bool(self._options.get("exclusive", False)),
-                    consumer_tag=self._options.get("consumer_tag"),
+                    exclusive=self._options.exclusive,
+                    consumer_tag=self._options.consumer_tag,
                 )
         except Exception as exc:
             self._forget_channel(channel)
@@ -206,8 +207,8 @@ class AmqpSubscription(Subscription):
         )
 
     async def _reattach_loop(self, redeclare: bool) -> None:
-        opts = self._driver.spec.options
-        delays = backoff_delays(opts.get("reconnect_delay") or 1.0, opts.get("reconnect_max_delay") or 30.0)
+        opts = self._driver.options
+        delays = backoff_delays(opts.reconnect_delay, opts.reconnect_max_delay)
         while not self._closed:
             try:
                 if redeclare:
@@ -225,7 +226,9 @@ class AmqpSubscription(Subscription):
         """The consumer is live: the broker counts it on the queue."""
         counts = await self._driver.queue_counts(self._queue)
         if not counts.consumer_count:
-            raise errors.internal(f"the broker shows no consumer on {self._queue.id} after attaching")
+            raise errors.internal(
+                f"the broker shows no consumer on {self._queue.id} after attaching", retryable=True
+            )
 
     # -- receiving and handing out -----------------------------------------------------------
 
@@ -529,4 +532,5 @@ def _stale(delivery: Delivery, queue: QueueSpec) -> errors.Error:
         "been lost; the broker has returned it to the queue and will deliver it again",
         queue=queue.id,
         reason="stale_delivery",
+        retryable=True,
     )

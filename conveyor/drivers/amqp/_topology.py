@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor import errors
+from conveyor.drivers.options.amqp import SCHEMA, AmqpOptions
 from conveyor.registry.model import QueueSpec
 
 __all__ = [
@@ -70,30 +71,30 @@ def _ms(seconds: float) -> int:
     return max(round(seconds * 1000), 0)
 
 
-def queue_declaration(queue: QueueSpec, driver_options: dict[str, Any]) -> Declaration:
-    """The declaration of a source queue (``driver_options`` = the driver entry's options)."""
-    opts = queue.driver_options.get("amqp", {})
+def queue_declaration(queue: QueueSpec, driver: AmqpOptions) -> Declaration:
+    """The declaration of a source queue (``driver`` = the driver entry's options)."""
+    opts = SCHEMA.queue_options(queue.driver_options)
     args: dict[str, Any] = {}
-    ttl = opts.get("message_ttl", driver_options.get("default_message_ttl"))
+    ttl = opts.message_ttl if opts.message_ttl is not None else driver.default_message_ttl
     if ttl is not None:
         args["x-message-ttl"] = _ms(ttl)
-    expiry = opts.get("queue_expiry", driver_options.get("default_queue_expiry"))
+    expiry = opts.queue_expiry if opts.queue_expiry is not None else driver.default_queue_expiry
     if expiry is not None:
         args["x-expires"] = max(_ms(expiry), 1)
-    if "max_length" in opts:
-        args["x-max-length"] = opts["max_length"]
-        args["x-overflow"] = opts.get("overflow", "reject-publish")
-    elif "overflow" in opts:
-        args["x-overflow"] = opts["overflow"]
-    if "queue_type" in opts:
-        args["x-queue-type"] = opts["queue_type"]
-    if "max_priority" in opts:
-        args["x-max-priority"] = opts["max_priority"]
+    if opts.max_length is not None:
+        args["x-max-length"] = opts.max_length
+        args["x-overflow"] = opts.overflow or "reject-publish"
+    elif opts.overflow is not None:
+        args["x-overflow"] = opts.overflow
+    if opts.queue_type is not None:
+        args["x-queue-type"] = opts.queue_type
+    if opts.max_priority is not None:
+        args["x-max-priority"] = opts.max_priority
     return Declaration(
         name=queue.queue_name,
-        durable=opts.get("durable", True),
-        auto_delete=opts.get("auto_delete", False),
-        exclusive=opts.get("exclusive", False),
+        durable=opts.durable,
+        auto_delete=opts.auto_delete,
+        exclusive=opts.exclusive,
         arguments=args,
     )
 

@@ -38,7 +38,9 @@ from conveyor.drivers.amqp._topology import (
     queue_declaration,
 )
 from conveyor.drivers.base import Capabilities, Delivery, Driver, Outgoing, Subscription
+from conveyor.drivers.options.amqp import SCHEMA
 from conveyor.registry.model import DriverSpec, QueueSpec
+from conveyor.registry.options import Options
 
 __all__ = ["AmqpDriver"]
 
@@ -62,7 +64,8 @@ class AmqpDriver(Driver):
 
     def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
-        self.link = Link(spec.options, name=f"conveyor {spec.id}")
+        self.options = SCHEMA.driver_options(spec.options)
+        self.link = Link(self.options, name=f"conveyor {spec.id}")
         self._declared: dict[str, Declaration] = {}  # queue_name -> source declaration
         self._specs: dict[str, QueueSpec] = {}
         self._delays_of: dict[str, dict[str, Declaration]] = {}  # queue_name -> its delay queues
@@ -102,7 +105,7 @@ class AmqpDriver(Driver):
 
     def qos_for(self, prefetch: int) -> int:
         """``basic.qos`` for a consumer: its prefetch, lowered to ``prefetch_count`` if set."""
-        cap = self.spec.options.get("prefetch_count")
+        cap = self.options.prefetch_count
         return min(prefetch, cap) if cap else prefetch
 
     # -- channels ----------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class AmqpDriver(Driver):
     # -- declaring ---------------------------------------------------------------------------
 
     async def declare(self, queue: QueueSpec) -> None:
-        decl = queue_declaration(queue, self.spec.options)
+        decl = queue_declaration(queue, self.options)
         await self._declare(queue, decl)
         self._declared[queue.queue_name] = decl
         self._specs[queue.queue_name] = queue
@@ -189,8 +192,10 @@ class AmqpDriver(Driver):
                 details={"queue": queue.id},
             )
         if isinstance(exc, amqp_exc.ChannelNotFoundEntity):
-            return errors.internal(text + " (the queue does not exist on the broker)", queue=queue.id)
-        return errors.internal(text, queue=queue.id)
+            return errors.internal(
+                text + " (the queue does not exist on the broker)", queue=queue.id, retryable=True
+            )
+        return errors.internal(text, queue=queue.id, retryable=True)
 
     def _declaration(self, queue: QueueSpec) -> Declaration:
         try:
@@ -288,10 +293,12 @@ class AmqpDriver(Driver):
     # -- consuming ---------------------------------------------------------------------------
 
     async def subscribe(
-        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Any]
+        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
     ) -> Subscription:
         self._declaration(queue)
-        sub = AmqpSubscription(self, queue, prefetch=prefetch, auto_ack=auto_ack, options=options)
+        settings = SCHEMA.consumer_options(options)
+        assert settings is not None  # the AMQP driver declares consumer options
+        sub = AmqpSubscription(self, queue, prefetch=prefetch, auto_ack=auto_ack, options=settings)
         await sub.attach()
         self._subs.add(sub)
         self.link.add_listener(sub)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import statistics
 import sys
@@ -137,12 +138,18 @@ def write_app(directory: Path, language: str, case: str, concurrency: int) -> Pa
 
 @contextmanager
 def entered(app: conveyor.App) -> Iterator[None]:
-    """Make ``app`` the current app (two are started, so neither is current by default)."""
-    token = qctx.entered.set(app.runtime)
+    """Make ``app`` the current app (two are started, so neither is current by default).
+
+    What is current is the app's queue runtime; checkouts older than the runtime's
+    split made the App itself current, and ``compare_revisions.py`` runs this script
+    against those too.
+    """
+    var: Any = getattr(qctx, "entered", None) or getattr(qctx, "entered_app")  # noqa: B009
+    token = var.set(getattr(app, "runtime", app))
     try:
         yield
     finally:
-        qctx.entered.reset(token)
+        var.reset(token)
 
 
 def _acked(app: conveyor.App) -> int:
@@ -257,15 +264,22 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--loop", type=int, default=20_000_000, help="iterations of the CPU loop (default 2e7)"
     )
+    parser.add_argument("--json", type=Path, help="also write the handler results to this JSON file")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU-loop measurement")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
     command = " ".join([".venv/bin/python", *sys.argv]) if argv is None else "main(...)"
-    print(report(run(opts), opts, command))
-    print()
-    print(cpu_report(*cpu_loop(opts), opts.loop))
+    rows = run(opts)
+    print(report(rows, opts, command))
+    if opts.json is not None:
+        doc = [{"case": r.case, "concurrency": r.concurrency, "python": r.python, "lua": r.lua} for r in rows]
+        opts.json.write_text(json.dumps(doc, indent=2) + "\n")
+    if not opts.no_cpu:
+        print()
+        print(cpu_report(*cpu_loop(opts), opts.loop))
     return 0
 
 

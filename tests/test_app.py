@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,9 @@ def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
 ) -> None:
     from conveyor.drivers import kinds
 
-    row = kinds.DriverKind("queue.driver.memory", "conveyor.drivers.options.memory", "conveyor.drivers.nope:X")
+    row = kinds.DriverKind(
+        "queue.driver.memory", "conveyor.drivers.options.memory", "conveyor.drivers.nope:X"
+    )
     monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
     h = Harness(tmp_path)
     h.queue("tasks")
@@ -310,7 +313,9 @@ def test_missing_client_library_names_the_extra(tmp_path: Path, monkeypatch: pyt
     (tmp_path / "fake_driver_mod.py").write_text("import conveyor_absent_client_lib\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fake_driver_mod", raising=False)
-    row = kinds.DriverKind("queue.driver.memory", "conveyor.drivers.options.memory", "fake_driver_mod:X", "amqp")
+    row = kinds.DriverKind(
+        "queue.driver.memory", "conveyor.drivers.options.memory", "fake_driver_mod:X", "amqp"
+    )
     monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
     with pytest.raises(errors.Error) as info:
         kinds.driver_class("queue.driver.memory")
@@ -571,3 +576,151 @@ def test_preflight_covers_dependencies_that_are_not_auto_started(tmp_path: Path)
     assert info.value.message.startswith("cannot start the app:")  # caught before anything opened
     assert "absent_mod_xyz" in info.value.message
     assert not app.running
+
+
+# -- App.run and its report --------------------------------------------------------------------
+
+
+def test_run_until_reports_reason_stats_and_queue_counts(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    q = h.queue("tasks")
+    left = h.queue("left")
+    h.consumer("worker", "tasks", lambda payload: None)
+    app = h.load()
+    published: list[bool] = []
+
+    def until() -> bool:
+        if not published:
+            published.append(queue.publish(q, {"n": 1}))
+            queue.publish(left, "stays")
+            return False
+        return app.stats()[h.qid("worker")]["acked"] == 1
+
+    report = app.run(until=until, grace=1)
+    assert not app.running
+    assert (report.reason, report.forced) == ("until", False)
+    assert report.consumers[h.qid("worker")]["acked"] == 1
+    assert report.queues[q]["message_count"] == 0
+    assert report.queues[left]["message_count"] == 1
+    assert report.elapsed > 0
+
+
+def test_run_timeout_and_request_stop(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.queue("tasks")
+    app = h.load()
+    assert app.run(timeout=0.3).reason == "timeout"
+    stopper = threading.Timer(0.3, app.request_stop)
+    stopper.start()
+    report = app.run()
+    stopper.join()
+    assert (report.reason, report.forced) == ("request", False)
+    assert not app.running
+
+
+def test_immediate_stop_request_cancels_a_running_handler_and_is_reported_forced(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    q = h.queue("tasks")
+    started = threading.Event()
+
+    async def slow(payload: Any) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    h.consumer("worker", "tasks", slow)
+    app = h.load()
+
+    def stop_when_busy() -> None:
+        started.wait(10)
+        app.request_stop()
+        time.sleep(0.2)
+        app.request_stop(immediate=True)
+
+    def until() -> bool:
+        if not thread.is_alive() and not started.is_set():
+            queue.publish(q, "work")
+            thread.start()
+        return False
+
+    thread = threading.Thread(target=stop_when_busy)
+    began = time.monotonic()
+    report = app.run(until=until, grace=20)
+    thread.join()
+    assert time.monotonic() - began < 10, "the immediate stop did not skip the 20 s grace period"
+    assert (report.reason, report.forced) == ("request", True)
+    assert report.queues[q]["message_count"] == 1  # the cancelled handler's message went back
+
+
+def test_arun_returns_a_report_on_request(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    q = h.queue("tasks")
+    h.consumer("worker", "tasks", lambda payload: None)
+    app = h.load()
+
+    async def main() -> Any:
+        async def stop_soon() -> None:
+            await asyncio.sleep(0.2)
+            await queue.apublish(q, "one")
+            await app.await_idle(settle=0.1, timeout=5)
+            app.request_stop()
+
+        task = asyncio.create_task(stop_soon())
+        report = await app.arun(grace=1)
+        await task
+        return report
+
+    report = asyncio.run(main())
+    assert report.reason == "request"
+    assert report.consumers[h.qid("worker")]["acked"] == 1
+    assert report.queues[q]["message_count"] == 0
+
+
+# -- driver errors pass through -----------------------------------------------------------------
+
+
+def test_info_keeps_the_driver_errors_kind_and_retryable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: App.ainfo re-wrapped driver errors as INTERNAL, not retryable."""
+    from conveyor.drivers import kinds
+
+    row = kinds.DriverKind(
+        "queue.driver.memory",
+        "conveyor.drivers.options.memory",
+        "tests.support.stub_drivers:InfoFailingDriver",
+    )
+    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
+    h = Harness(tmp_path)
+    q = h.queue("tasks")
+    with h.load() as app:
+        for call in (lambda: queue.info(q), lambda: app.info(q)):
+            with pytest.raises(errors.Error) as info:
+                call()
+            assert (info.value.kind, info.value.retryable) == (errors.UNAVAILABLE, True)
+            assert info.value.details == {"queue": q}
+
+
+# -- start-time problems --------------------------------------------------------------------------
+
+
+def test_preflight_problems_locate_without_rewriting_messages(tmp_path: Path) -> None:
+    """Regression: problems were built by cutting the entry's location back out of the
+    message, so a message that did not start with it kept it (or lost part of itself)."""
+    h = Harness(tmp_path)
+    h.queue("tasks")
+    h.add(name="broken", kind="function.python", source="no_such_module_q1:fn")
+    h.add(name="w1", kind="queue.consumer", queue="tasks", func="broken")
+    h.add(name="w2", kind="queue.consumer", queue="tasks", handler="no_such_module_q2:fn")
+    app = h.load()
+    with pytest.raises(errors.Error) as info:
+        app.preflight()
+    problems = {p["entry"]: p for p in info.value.details["problems"]}
+    file = str(h.write())
+    own = problems[h.qid("w2")]
+    assert (own["file"], own["field"], own["line"]) == (file, "handler", None)
+    assert own["message"].startswith("cannot import module 'no_such_module_q2'")
+    via = problems[h.qid("w1")]
+    assert via["field"] == "func"
+    # the failing function is declared elsewhere: its own location stays in the message
+    assert via["message"].startswith(f"{file}: entry {h.qid('broken')}: cannot import module")
+    assert info.value.message.splitlines()[0] == "cannot start the app:"

@@ -61,6 +61,7 @@ PLACES: list[tuple[str, int, str]] = [
     ("conveyor.running", 4, "app"),
     # 5: the command line
     ("conveyor.cli", 5, "cli"),
+    ("conveyor.cli.*", 5, "cli"),
     ("conveyor.__main__", 5, "cli"),
 ]
 

@@ -972,3 +972,23 @@ def test_policies_mapping_is_copied() -> None:
     with pytest.raises(errors.Error) as info:
         engine.resolve_scope(["app:q"], [])
     assert info.value.kind == errors.NOT_FOUND
+
+
+@pytest.mark.parametrize("field", ["meta.a b", "meta.a..b", "meta.", "actor.meta. x"])
+def test_loader_and_engine_accept_the_same_condition_fields(field: str, tmp_path: Any) -> None:
+    """Regression: the loader rejected ``meta.a b`` while the engine accepted it (two
+    grammars). One rule set now decides for both."""
+    from conveyor.registry.loader import load_registry
+
+    with pytest.raises(errors.Error) as engine_error:
+        engine_of(pol("app:p", conditions=(cond(field, "eq", 1),)))
+    (tmp_path / "app.yaml").write_text(
+        "namespace: app\nentries:\n  - name: p\n    kind: security.policy\n"
+        f"    policy: {{actions: '*', conditions: [{{field: '{field}', operator: eq, value: 1}}]}}\n"
+    )
+    with pytest.raises(errors.Error) as load_error:
+        load_registry(tmp_path / "app.yaml")
+    (from_engine,) = engine_error.value.details["problems"]
+    (from_loader,) = load_error.value.details["problems"]
+    assert from_engine["field"] == from_loader["field"] == "policy.conditions[0].field"
+    assert from_engine["message"] == from_loader["message"]

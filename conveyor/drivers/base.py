@@ -129,7 +129,13 @@ class Subscription(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Stop handing out deliveries and return every unsettled one to the queue."""
+        """Stop handing out deliveries and return every unsettled one to the queue.
+
+        Waiting :meth:`get` calls return None. A delivery handed out and not settled
+        comes back with its attempt counted; one the subscription fetched ahead but
+        never handed out (also with ``auto_ack``) comes back as if never delivered.
+        Idempotent.
+        """
 
 
 class Driver(abc.ABC):
@@ -147,7 +153,8 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Release every resource. Idempotent."""
+        """Close every subscription still open (see :meth:`Subscription.close`), then
+        release every resource. Idempotent."""
 
     @abc.abstractmethod
     async def declare(self, queue: QueueSpec) -> None:
@@ -169,7 +176,8 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def info(self, queue: QueueSpec) -> dict[str, Any]:
-        """At least ``message_count``, ``consumer_count``, ``ready``, ``in_flight``."""
+        """At least ``message_count``, ``consumer_count``, ``ready``, ``in_flight`` and
+        ``delayed`` (waiting out a retry delay); ``message_count`` counts them all."""
 
 
 def queue_full(queue: QueueSpec, limit: int) -> errors.Error:

@@ -105,7 +105,7 @@ class _MemorySubscription(Subscription):
         self._q = queue
         self._prefetch = prefetch
         self._auto_ack = auto_ack
-        self._unsettled: dict[_Stored, None] = {}  # in lease order
+        self._unsettled: dict[_Stored, Delivery] = {}  # stored -> its current delivery, in lease order
         self._capacity_waiters = Waiters()  # workers waiting for a settlement to free room
         self._closed = False
 
@@ -118,8 +118,9 @@ class _MemorySubscription(Subscription):
         if self._auto_ack:
             return Delivery(stored.id, stored.body, stored.headers, stored.attempts, None)
         q.leased += 1
-        self._unsettled[stored] = None
-        return Delivery(stored.id, stored.body, stored.headers, stored.attempts, stored)
+        delivery = Delivery(stored.id, stored.body, stored.headers, stored.attempts, stored)
+        self._unsettled[stored] = delivery
+        return delivery
 
     async def get(self) -> Delivery | None:
         # Cancellation-safe: a cancelled wait has leased nothing.
@@ -135,14 +136,23 @@ class _MemorySubscription(Subscription):
                 await self._q.waiters.wait()
         return None
 
-    def _settle(self, delivery: Delivery) -> _Stored:
+    def _held(self, delivery: Delivery) -> _Stored:
+        """The stored message of ``delivery``, if this subscription holds that very delivery.
+
+        Identity, not the stored message alone: after a nack and a redelivery the old
+        delivery must not settle the new one.
+        """
         stored = delivery.token
-        if stored is None or stored not in self._unsettled:
+        if stored is None or self._unsettled.get(stored) is not delivery:
             raise errors.invalid(f"delivery {delivery.id} is not held by this subscription")
+        return stored  # type: ignore[no-any-return]
+
+    def _settle(self, delivery: Delivery) -> _Stored:
+        stored = self._held(delivery)
         del self._unsettled[stored]
         self._q.leased -= 1
         self._capacity_waiters.wake()
-        return stored  # type: ignore[no-any-return]
+        return stored
 
     async def ack(self, delivery: Delivery) -> None:
         self._settle(delivery)
@@ -160,6 +170,7 @@ class _MemorySubscription(Subscription):
         self._q.put_front(stored)
 
     async def dead_letter(self, delivery: Delivery, target: QueueSpec, copy: Outgoing) -> None:
+        self._held(delivery)  # before anything is stored: a refused move stores nothing
         driver_queue = self._queues[target.queue_name]
         if driver_queue.max_length is not None and driver_queue.size >= driver_queue.max_length:
             raise queue_full(target, driver_queue.max_length)
@@ -195,6 +206,8 @@ class MemoryDriver(Driver):
     async def close(self) -> None:
         for q in self._queues.values():
             q.clear_timer()
+            for sub in list(q.subscriptions):
+                await sub.close()  # waiting getters return None; held messages go back
             q.wake_all()
 
     async def declare(self, queue: QueueSpec) -> None:

@@ -60,7 +60,11 @@ _LEASE = (
 _TAKE = (  # auto_ack: hand out and delete in one step (at most once)
     "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE queue = ? "
     "AND lease_owner IS NULL AND available_at <= ? ORDER BY available_at, seq LIMIT ?) "
-    "RETURNING seq, id, body, headers, attempts + 1"
+    "RETURNING seq, id, body, headers, attempts + 1, available_at, created_at"
+)
+_PUT_BACK = (  # auto_ack: a taken row that was never handed out, as it was
+    "INSERT INTO messages (seq, queue, id, body, headers, attempts, available_at, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -253,6 +257,8 @@ class _SqliteSubscription(Subscription):
         self._auto_ack = auto_ack
         self._buffer: deque[Delivery] = deque()  # leased, not handed out yet
         self._handed: dict[int, Delivery] = {}  # handed out, not settled
+        # auto_ack: rows taken (deleted) into the buffer, to put back if never handed out
+        self._taken: dict[Delivery, tuple[Any, ...]] = {}
         self._getters = Waiters()
         self._wake = asyncio.Event()
         self._dirty = True  # a lease attempt may find something
@@ -351,9 +357,19 @@ class _SqliteSubscription(Subscription):
             # Leased while closing: hand straight back without counting the attempt.
             await self.driver.db.submit(self._release_rows([r[0] for r in rows]))
             return 0
-        for seq, msg_id, body, headers, attempts in rows:
-            token = None if auto_ack else seq
-            self._buffer.append(Delivery(msg_id, body, _unpack(headers), attempts, token))
+        for seq, msg_id, body, headers, attempts, *taken in rows:
+            delivery = Delivery(msg_id, body, _unpack(headers), attempts, None if auto_ack else seq)
+            if auto_ack:
+                self._taken[delivery] = (
+                    seq,
+                    self.queue.queue_name,
+                    msg_id,
+                    body,
+                    headers,
+                    attempts - 1,
+                    *taken,
+                )
+            self._buffer.append(delivery)
         self._getters.wake(len(rows))
         return len(rows)
 
@@ -365,8 +381,10 @@ class _SqliteSubscription(Subscription):
         delivery = self._buffer.popleft()
         if delivery.token is not None:
             self._handed[delivery.token] = delivery
-        elif not self._buffer:
-            self.poke()  # auto_ack: nothing is held, so room is back at once
+        else:
+            del self._taken[delivery]  # auto_ack: settled now, by being handed out
+            if not self._buffer:
+                self.poke()  # nothing is held, so room is back at once
         return delivery
 
     async def get(self) -> Delivery | None:
@@ -381,8 +399,13 @@ class _SqliteSubscription(Subscription):
     # -- settlement ------------------------------------------------------------------
 
     def _held(self, delivery: Delivery) -> int:
+        """The row of ``delivery``, if this subscription holds that very delivery.
+
+        Identity, not the row alone: after a nack and a redelivery the old delivery
+        must not settle the new one.
+        """
         seq = delivery.token
-        if seq is None or seq not in self._handed:
+        if seq is None or self._handed.get(seq) is not delivery:
             raise errors.invalid(f"delivery {delivery.id} is not held by this subscription")
         return int(seq)
 
@@ -399,10 +422,7 @@ class _SqliteSubscription(Subscription):
             if cursor.rowcount != 1:
                 raise _lease_lost(delivery, self.queue)
 
-        try:
-            await self.driver.db.submit(run)
-        finally:
-            self._done(seq)
+        await self._settling(seq, run)
 
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, "DELETE FROM messages WHERE seq = ? AND lease_owner = ?", ())
@@ -437,11 +457,23 @@ class _SqliteSubscription(Subscription):
             now = time.time()
             conn.execute(_INSERT, (target.queue_name, copy.id, copy.body, _pack(copy.headers), now, now))
 
-        try:
-            await self.driver.db.submit(move)
-        finally:
-            self._done(seq)
+        await self._settling(seq, move)
         self.driver._notify(target.queue_name)
+
+    async def _settling(self, seq: int, job: Any) -> None:
+        """Run a settlement of row ``seq``; the delivery stays held if it was refused.
+
+        A refused settlement (a full dead-letter queue, a busy or failing database)
+        changed nothing: the holder may try again, and ``close`` returns the message.
+        Only a lost lease means the row is no longer this subscription's.
+        """
+        try:
+            await self.driver.db.submit(job)
+        except errors.Error as exc:
+            if exc.details.get("reason") == "lease_lost":
+                self._done(seq)
+            raise
+        self._done(seq)
 
     def _note_due(self, due: float) -> None:
         if due <= time.time():
@@ -474,13 +506,16 @@ class _SqliteSubscription(Subscription):
             await asyncio.gather(self._task, return_exceptions=True)
         unstarted = [d.token for d in self._buffer if d.token is not None]
         started = list(self._handed)
+        taken = list(self._taken.values())
         self._buffer.clear()
         self._handed.clear()
+        self._taken.clear()
         sub_id = self.id
 
         def give_back(conn: sqlite3.Connection) -> None:
             self._release_rows(unstarted)(conn)  # never handed to a handler: no attempt
             self._release_rows(started, count_attempt=True)(conn)
+            conn.executemany(_PUT_BACK, taken)  # auto_ack rows taken but never handed out
             conn.execute("DELETE FROM consumers WHERE id = ?", (sub_id,))
 
         try:

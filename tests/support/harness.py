@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 import weakref
 from collections.abc import Callable
@@ -13,27 +12,39 @@ from typing import Any
 import yaml
 
 import conveyor
-from conveyor.drivers.kinds import driver_class
 from conveyor.drivers.base import Capabilities
+from conveyor.drivers.kinds import driver_class
+from conveyor.registry.durations import parse_duration
+from conveyor.registry.model import RetrySpec
 from tests.support.handlers import install
+from tests.support.profiles import AMQP_URL, PROFILES
 
-AMQP_URL = os.environ.get("CONVEYOR_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+__all__ = ["AMQP_URL", "Harness", "capabilities", "driver_entry"]
 
 
 def driver_entry(kind: str, tmp_path: Path) -> dict[str, Any]:
-    if kind == "memory":
-        return {"kind": "queue.driver.memory"}
-    if kind == "sqlite":
-        return {"kind": "queue.driver.sqlite", "path": str(tmp_path / "queues.db")}
-    if kind == "amqp":
-        return {"kind": "queue.driver.amqp", "url": AMQP_URL}
-    raise ValueError(kind)
+    """The YAML entry of driver ``kind`` ("memory", "sqlite", ...) in tests."""
+    return {"kind": f"queue.driver.{kind}", **PROFILES[kind].fields(tmp_path)}
 
 
-def _delete_amqp_queues(entries: list[dict[str, Any]]) -> None:
-    from tests.support.rabbit_node import delete_queues, test_queue_names
-
-    delete_queues(AMQP_URL, test_queue_names(entries))
+def _cleanup(kind: str, entries: list[dict[str, Any]]) -> None:
+    """Delete what the queues of ``entries`` left behind (with every delay their retries use)."""
+    cleanup = PROFILES[kind].cleanup
+    if cleanup is None:
+        return
+    names, delays = [], set()
+    for entry in entries:
+        if entry.get("kind") != "queue.queue" or "queue_name" not in entry:
+            continue
+        names.append(entry["queue_name"])
+        raw = entry.get("retry") or {}
+        retry = RetrySpec(
+            delay=parse_duration(raw.get("delay", 1.0)),
+            backoff=float(raw.get("backoff", 2.0)),
+            max_delay=parse_duration(raw.get("max_delay", 300.0)),
+        )
+        delays |= {retry.delay_for(attempt) for attempt in range(1, 40)} | {retry.max_delay}
+    cleanup(names, delays)
 
 
 def capabilities(kind: str) -> Capabilities:
@@ -52,10 +63,10 @@ class Harness:
 
     def __post_init__(self) -> None:
         self.entries.append({"name": "drv", **driver_entry(self.driver, self.tmp_path)})
-        if self.driver == "amqp":
+        if PROFILES[self.driver].cleanup is not None:
             # Broker queues outlive the test: delete this harness's queues once it is dropped
             # (after the test's fixtures are torn down; at exit at the latest).
-            weakref.finalize(self, _delete_amqp_queues, self.entries)
+            weakref.finalize(self, _cleanup, self.driver, self.entries)
 
     def qid(self, name: str) -> str:
         return f"{self.namespace}:{name}"

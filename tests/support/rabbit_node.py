@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -222,28 +221,6 @@ class RabbitNode:
 
 
 # -- deleting test queues --------------------------------------------------------------------
-
-
-def test_queue_names(entries: Iterable[dict[str, Any]]) -> list[str]:
-    """Broker queue names of the ``queue.queue`` entries of a test app, delay queues included."""
-    from conveyor.drivers.amqp._topology import delay_name
-    from conveyor.registry.durations import parse_duration
-    from conveyor.registry.model import RetrySpec
-
-    names: list[str] = []
-    for entry in entries:
-        if entry.get("kind") != "queue.queue" or "queue_name" not in entry:
-            continue
-        names.append(entry["queue_name"])
-        raw = entry.get("retry") or {}
-        retry = RetrySpec(
-            delay=parse_duration(raw.get("delay", 1.0)),
-            backoff=float(raw.get("backoff", 2.0)),
-            max_delay=parse_duration(raw.get("max_delay", 300.0)),
-        )
-        delays = {retry.delay_for(attempt) for attempt in range(1, 40)} | {retry.max_delay}
-        names += [delay_name(entry["queue_name"], max(round(d * 1000), 1)) for d in delays if d > 0]
-    return names
 
 
 def delete_queues(url: str, names: Iterable[str], timeout: float = 10.0) -> None:

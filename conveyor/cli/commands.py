@@ -1,0 +1,249 @@
+"""The commands: ``run``, ``publish``, ``info``, ``check``, ``call``; each returns its exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import conveyor
+from conveyor import errors, queue
+from conveyor.app import App, RunReport
+from conveyor.cli.inputs import (
+    declared_function,
+    declared_queue,
+    load_app,
+    parse_headers,
+    parse_value,
+    resolve_config,
+)
+from conveyor.cli.output import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    USAGE_KINDS,
+    CommandFailed,
+    UsageError,
+    cell,
+    err,
+    format_table,
+    out,
+    plural,
+    print_json,
+)
+from conveyor.queue.headers import check_headers
+
+__all__ = ["RunOutcome", "cmd_call", "cmd_check", "cmd_info", "cmd_publish", "cmd_run", "idle_for"]
+
+log = logging.getLogger("conveyor.cli")
+
+CONSUMER_COLUMNS = (
+    ("DELIVERED", "delivered"),
+    ("ACKED", "acked"),
+    ("FAILED_ATTEMPTS", "failed"),
+    ("DEAD_LETTERED", "dead_lettered"),
+    ("UNDECODABLE", "undecodable"),
+)
+
+QUEUE_COLUMNS = (
+    ("MESSAGES", "message_count"),
+    ("READY", "ready"),
+    ("IN_FLIGHT", "in_flight"),
+    ("DELAYED", "delayed"),
+)
+
+
+@dataclass
+class RunOutcome:
+    """How ``conveyor run`` ended and what it did (an ``App.run`` report, as the CLI names it)."""
+
+    reason: str  # "idle", "signal" or "timeout"
+    forced: bool
+    elapsed: float
+    consumers: dict[str, dict[str, int]]
+    queues: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, report: RunReport) -> RunOutcome:
+        reason = {"until": "idle", "request": "signal"}.get(report.reason, report.reason)
+        return cls(reason, report.forced, report.elapsed, report.consumers, report.queues)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.reason != "timeout",
+            "reason": self.reason,
+            "forced": self.forced,
+            "elapsed": round(self.elapsed, 3),
+            "consumers": self.consumers,
+            "queues": self.queues,
+        }
+
+
+def idle_for(app: App, settle: float) -> Callable[[], bool]:
+    """An ``until`` for ``App.run``: true once the app has been idle for ``settle`` s in a row."""
+    idle_since: float | None = None
+
+    def until() -> bool:
+        nonlocal idle_since
+        now = time.monotonic()
+        if not app.is_idle():
+            idle_since = None
+            return False
+        idle_since = now if idle_since is None else idle_since
+        return now - idle_since >= settle
+
+    return until
+
+
+def print_run_summary(outcome: RunOutcome) -> None:
+    how = {"idle": "idle after", "signal": "stopped by a signal after", "timeout": "timed out after"}
+    forced = " (forced)" if outcome.forced else ""
+    out(f"{how[outcome.reason]} {outcome.elapsed:.1f}s{forced}")
+    if outcome.consumers:
+        rows = [[cid, *(s.get(k) for _, k in CONSUMER_COLUMNS)] for cid, s in outcome.consumers.items()]
+        out(format_table(["CONSUMER", *(h for h, _ in CONSUMER_COLUMNS)], rows))
+    else:
+        out("no consumers")
+    if outcome.queues:
+        rows = [[qid, *(i.get(k) for _, k in QUEUE_COLUMNS)] for qid, i in outcome.queues.items()]
+        out()
+        out(format_table(["QUEUE", *(h for h, _ in QUEUE_COLUMNS)], rows))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``conveyor run``: drivers, queues and consumers until a signal (or idle)."""
+    if args.timeout is not None and not args.until_idle:
+        raise UsageError("--timeout only applies with --until-idle")
+    app = load_app(args.path, log_bodies=args.log_bodies)
+    for warning in app.registry.warnings:
+        log.warning("%s", warning)
+    until = idle_for(app, args.idle_settle) if args.until_idle else None
+    outcome = RunOutcome.of(app.run(grace=args.grace, until=until, timeout=args.timeout))
+    if args.json:
+        print_json(outcome.to_dict())
+    else:
+        print_run_summary(outcome)
+    if outcome.reason == "timeout":
+        err(f"conveyor: TIMEOUT: not idle after {args.timeout:g}s (--timeout)")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``conveyor publish``: start the app without consumers, publish one message, stop."""
+    data = args.data if args.string else parse_value(args.data)
+    headers = check_headers(parse_headers(args.header))
+    app = load_app(args.config)
+    qid = declared_queue(app, args.queue_id)
+    with app:
+        queue.publish(qid, data, headers or None)
+    if args.json:
+        print_json({"ok": True, "queue": qid, "headers": headers})
+    else:
+        out(f"published to {qid}")
+    return EXIT_OK
+
+
+def _queue_row(app: App, qid: str) -> dict[str, Any]:
+    return {"queue": qid, "driver": app.registry.queues[qid].driver, **queue.info(qid)}
+
+
+def _info_one(app: App, qid: str, as_json: bool) -> int:
+    with app:
+        row = _queue_row(app, qid)
+    if as_json:
+        print_json(row)
+    else:
+        width = max(len(k) for k in row) + 1
+        for key, value in row.items():
+            out(f"{key + ':':<{width}} {cell(value)}")
+    return EXIT_OK
+
+
+def _info_all(app: App, as_json: bool) -> int:
+    rows: list[dict[str, Any]] = []
+    failed = False
+    with app:
+        for qid, spec in app.registry.queues.items():
+            try:
+                rows.append(_queue_row(app, qid))
+            except errors.Error as exc:
+                failed = True
+                err(f"conveyor: {exc.kind}: {qid}: {exc.message}")
+                rows.append({"queue": qid, "driver": spec.driver, "error": exc.to_dict()})
+    if as_json:
+        print_json(rows)
+    else:
+        columns = [*QUEUE_COLUMNS, ("CONSUMERS", "consumer_count")]
+        table = [[r["queue"], r["driver"], *(r.get(k) for _, k in columns)] for r in rows]
+        out(format_table(["QUEUE", "DRIVER", *(h for h, _ in columns)], table))
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``conveyor info``: statistics of one queue, or a table of every declared queue."""
+    app = load_app(args.config)
+    if args.queue_id is not None:
+        return _info_one(app, declared_queue(app, args.queue_id), args.json)
+    return _info_all(app, args.json)
+
+
+def _counts(app: App) -> dict[str, int]:
+    reg = app.registry
+    return {
+        "drivers": len(reg.drivers),
+        "queues": len(reg.queues),
+        "consumers": len(reg.consumers),
+        "functions": len(reg.functions),
+        "policies": len(reg.policies),
+    }
+
+
+def _problems_of(exc: errors.Error, path: str) -> list[Any]:
+    problems = exc.details.get("problems")
+    if isinstance(problems, list) and problems:
+        return problems
+    return [{"file": path, "entry": "", "field": "", "message": exc.message, "line": None}]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``conveyor check``: load and validate; print every problem, or a summary and warnings."""
+    path = resolve_config(args.path)
+    try:
+        app = conveyor.load(path)
+        app.preflight(consumers=True)  # drivers available, handlers importable
+    except errors.Error as exc:
+        if not args.json:
+            raise
+        print_json({"ok": False, "problems": _problems_of(exc, path), "warnings": [], "counts": None})
+        return EXIT_USAGE if exc.kind in USAGE_KINDS else EXIT_FAILURE
+    counts = _counts(app)
+    warnings = list(app.registry.warnings)
+    if args.json:
+        print_json({"ok": True, "problems": [], "warnings": warnings, "counts": counts})
+        return EXIT_OK
+    nouns = ("driver", "queue", "consumer", "function", "policy")
+    summary = ", ".join(plural(n, noun) for n, noun in zip(counts.values(), nouns, strict=True))
+    out(f"ok: {path} — {summary}")
+    for warning in warnings:
+        out(f"warning: {warning}")
+    return EXIT_OK
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    """``conveyor call``: start the app without consumers, call a function entry, print JSON."""
+    call_args = [parse_value(a) for a in args.args]
+    app = load_app(args.config)
+    fid = declared_function(app, args.func_id)
+    with app:
+        try:
+            result = app.call(fid, *call_args)
+        except errors.Error:
+            raise
+        except Exception as exc:
+            raise CommandFailed(f"function {fid} raised {type(exc).__name__}: {exc}") from exc
+    print_json(result)
+    return EXIT_OK

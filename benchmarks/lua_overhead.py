@@ -10,7 +10,7 @@ figures are messages per second end to end, the median of ``--repeat`` runs.
 Cases, each at every ``--concurrency`` value:
 
 - ``noop``: the handler does nothing (Python ``pass``; Lua ``function noop(p) end``),
-- ``context``: the handler reads the delivery context as the seed does
+- ``context``: the handler reads the delivery context as the example handlers do
   (``queue.message()``, the message ID, one header, one payload field),
 - ``context+timeout``: ``context`` with ``timeout: 30s`` on the consumer, so the Lua
   deadline hook is armed for every call.

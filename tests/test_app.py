@@ -293,7 +293,7 @@ def test_unavailable_driver_module_is_invalid_naming_what_is_missing(
     row = kinds.DriverKind(
         "queue.driver.memory", "conveyor.drivers.options.memory", "conveyor.drivers.nope:X"
     )
-    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
+    monkeypatch.setattr(kinds, "KINDS", (row, *kinds.KINDS[1:]))
     h = Harness(tmp_path)
     h.queue("tasks")
     app = h.load()
@@ -316,7 +316,7 @@ def test_missing_client_library_names_the_extra(tmp_path: Path, monkeypatch: pyt
     row = kinds.DriverKind(
         "queue.driver.memory", "conveyor.drivers.options.memory", "fake_driver_mod:X", "amqp"
     )
-    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
+    monkeypatch.setattr(kinds, "KINDS", (row, *kinds.KINDS[1:]))
     with pytest.raises(errors.Error) as info:
         kinds.driver_class("queue.driver.memory")
     assert "conveyor_absent_client_lib" in info.value.message
@@ -689,7 +689,7 @@ def test_info_keeps_the_driver_errors_kind_and_retryable(
         "conveyor.drivers.options.memory",
         "tests.support.stub_drivers:InfoFailingDriver",
     )
-    monkeypatch.setitem(kinds._BY_KIND, "queue.driver.memory", row)
+    monkeypatch.setattr(kinds, "KINDS", (row, *kinds.KINDS[1:]))
     h = Harness(tmp_path)
     q = h.queue("tasks")
     with h.load() as app:

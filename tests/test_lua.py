@@ -1,8 +1,8 @@
-"""Lua functions (SPEC §1, §2 app.call, §5): the seed's examples, conversion, sandbox, limits.
+"""Lua functions (function.lua entries, app.call): documented examples, conversion, sandbox, limits.
 
-The seed's code blocks live verbatim in ``tests/lua/seed/``; the tests below wrap them
-(a function header, an observing line after them) but never change them. Apps use the
-memory driver. The seed's examples name queues ``app:...``, so their apps use the
+The queue module's documented code blocks live verbatim in ``tests/lua/seed/``; the
+tests below wrap them (a function header, an observing line after them) but never
+change them. Apps use the memory driver. Those examples name queues ``app:...``, so their apps use the
 namespace ``app``; every other app gets a unique namespace from the harness.
 """
 

@@ -97,9 +97,9 @@ def item(text: str) -> str:
     return textwrap.indent(textwrap.dedent(text).strip("\n"), "  ")
 
 
-# --------------------------------------------------------------------------- the SPEC example
+# --------------------------------------------------------------------------- the reference example
 
-SPEC_EXAMPLE = """
+REFERENCE_EXAMPLE = """
 version: "1.0"
 namespace: app
 entries:
@@ -129,7 +129,7 @@ entries:
 
 
 def test_spec_example_loads_into_typed_specs(tmp_path: Path) -> None:
-    path = write(tmp_path, "app.yaml", SPEC_EXAMPLE)
+    path = write(tmp_path, "app.yaml", REFERENCE_EXAMPLE)
     registry = load_registry(path)
     assert registry.drivers == {
         "app:store": DriverSpec(

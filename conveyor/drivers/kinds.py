@@ -20,7 +20,7 @@ from conveyor.registry.options import DriverSchema
 if TYPE_CHECKING:
     from conveyor.drivers.base import Driver
 
-__all__ = ["KINDS", "DriverKind", "driver_class", "lookup", "schema"]
+__all__ = ["KINDS", "DriverKind", "driver_class", "kinds", "lookup", "schema"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,23 +43,30 @@ KINDS: tuple[DriverKind, ...] = (
     ),
 )
 
-_BY_KIND = {row.kind: row for row in KINDS}
-
 
 def lookup(kind: str) -> DriverKind:
     """The row of ``kind``; INVALID for a kind no row names."""
-    try:
-        return _BY_KIND[kind]
-    except KeyError:
-        raise errors.invalid(f"unknown driver kind {kind!r}", kind=kind) from None
+    for row in KINDS:
+        if row.kind == kind:
+            return row
+    raise errors.invalid(f"unknown driver kind {kind!r}", kind=kind)
+
+
+def kinds() -> tuple[str, ...]:
+    """The entry kinds of every driver, in the table's order."""
+    return tuple(row.kind for row in KINDS)
+
+
+def schema(kind: str) -> DriverSchema[Any, Any, Any]:
+    """The option records of ``kind`` (its options module imports no client library)."""
+    return _schema(lookup(kind).options)
 
 
 @cache
-def schema(kind: str) -> DriverSchema[Any, Any, Any]:
-    """The option records of ``kind`` (its options module imports no client library)."""
-    found = getattr(importlib.import_module(lookup(kind).options), "SCHEMA", None)
+def _schema(module: str) -> DriverSchema[Any, Any, Any]:
+    found = getattr(importlib.import_module(module), "SCHEMA", None)
     if not isinstance(found, DriverSchema):
-        raise errors.invalid(f"{lookup(kind).options} has no DriverSchema named SCHEMA", kind=kind)
+        raise errors.invalid(f"{module} has no DriverSchema named SCHEMA")
     return found
 
 

@@ -205,7 +205,8 @@ class Database:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         if self._closed:
-            future.set_exception(errors.internal(f"SQLite driver for {self.path} is closed", retryable=True))
+            # Like a closed AMQP driver: trying again cannot help, this driver stays closed.
+            future.set_exception(errors.internal(f"SQLite driver for {self.path} is closed"))
             return future
         self._jobs.put(Job(fn, future, write))
         return future
@@ -316,11 +317,9 @@ class Database:
         except sqlite3.Error as exc:
             return (job.future, False, translate(exc, self.path))
         except Exception as exc:  # a bug in a job: answer it, keep the thread alive
-            return (
-                job.future,
-                False,
-                errors.internal(f"unexpected error in the SQLite driver: {exc!r}", retryable=True),
-            )
+            # Not retryable, as for a write: the same job would fail the same way again.
+            failure = errors.internal(f"unexpected error in the SQLite driver: {exc!r}")
+            return (job.future, False, failure)
 
     def _write(
         self, conn: sqlite3.Connection, jobs: list[Job]

@@ -2,7 +2,7 @@
 
 ``load_function(spec)`` returns a plain callable; :mod:`conveyor.functions` calls it
 for every ``function.lua`` entry and for a consumer's ``method:`` found in a Lua
-``source:`` file. The Lua side sees the seed's API — ``queue``, ``errors``, ``logger``
+``source:`` file. The Lua side sees the queue module's API — ``queue``, ``errors``, ``logger``
 — in a sandbox; see docs/lua.md for the reference.
 
 Modules: ``prelude`` (the trusted Lua code that builds the sandbox), ``host`` (the

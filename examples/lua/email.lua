@@ -1,5 +1,5 @@
 -- A stand-in mail client: `email.send(to, template, data)` returns `true` or `nil, err`
--- like the seed's API functions. Mailboxes at invalid.example never accept mail.
+-- like the queue module's API functions. Mailboxes at invalid.example never accept mail.
 local email = {}
 
 function email.send(to, template, data)

@@ -2,7 +2,7 @@
 -- `queue`, `logger` and `errors` are globals of the sandbox.
 local email = require("email")
 
--- The seed's consumer handler, unchanged: returning `nil, err` nacks the message, so
+-- The queue module's example consumer handler, unchanged: returning `nil, err` nacks the message, so
 -- it is retried and, after max_attempts, dead-lettered.
 function handle_email(payload)
     local msg = queue.message()

@@ -1,4 +1,5 @@
-"""Behaviour every driver must share (SPEC §2). Destructive and slow cases come last."""
+"""Behaviour every driver must share, through the app (docs/semantics.md). Destructive and slow
+cases come last."""
 
 from __future__ import annotations
 

@@ -373,7 +373,10 @@ def test_subscription_close_returns_unsettled_and_buffered(kit: DriverKit) -> No
     """``Subscription.close()`` returns every unsettled delivery (and whatever it buffered
     without handing out) to the queue: a new subscription gets them all, nothing is
     lost or duplicated. ``attempts`` counts hand-overs: one handed out and left
-    unsettled has used its attempt (2 next time), one only buffered has not (1)."""
+    unsettled has used its attempt (2 next time), one only buffered has not (1).
+
+    Faults F02, F06.
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -525,7 +528,10 @@ def test_concurrent_getters_on_several_subscriptions(kit: DriverKit) -> None:
 
 def test_cancelled_get_loses_nothing(kit: DriverKit) -> None:
     """``get()`` is cancellation-safe: a cancelled wait takes nothing, and a waiter woken
-    for a delivery, then cancelled, passes it on; no message is lost or duplicated."""
+    for a delivery, then cancelled, passes it on; no message is lost or duplicated.
+
+    Fault C2 (nothing lost on cancellation).
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -615,7 +621,10 @@ def test_auto_ack_settles_on_hand_out(kit: DriverKit) -> None:
 def test_auto_ack_close_returns_what_was_not_handed_out(kit: DriverKit) -> None:
     """With ``auto_ack`` only a delivery *handed out* is settled: messages a subscription
     fetched ahead (up to its prefetch) but never handed out go back to the queue when
-    it closes, like any unsettled delivery."""
+    it closes, like any unsettled delivery.
+
+    Faults F02, C2; regression: SQLite lost them.
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -650,7 +659,10 @@ def test_auto_ack_close_returns_what_was_not_handed_out(kit: DriverKit) -> None:
 def test_settling_twice_is_invalid(kit: DriverKit) -> None:
     """A delivery is settled exactly once: ack/nack/release/dead_letter of a delivery that
     was already settled raises ``Error`` INVALID and changes nothing (in particular no
-    dead-letter copy is stored)."""
+    dead-letter copy is stored).
+
+    Faults D02, C4; regression: memory stored the dead-letter copy anyway.
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -693,7 +705,10 @@ def test_settling_a_stale_delivery_is_invalid(kit: DriverKit) -> None:
     """A settled delivery stays settled when its message is handed out again: settling the
     old delivery (after a nack or release, once the message was redelivered to the same
     subscription) raises ``Error`` INVALID and leaves the new delivery unsettled, so
-    its holder can still settle it."""
+    its holder can still settle it.
+
+    Faults D03, D04, C4; regression: memory and SQLite settled the new delivery.
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -723,7 +738,10 @@ def test_settling_a_stale_delivery_is_invalid(kit: DriverKit) -> None:
 def test_settling_another_subscriptions_delivery_is_invalid(kit: DriverKit) -> None:
     """Settlement goes back through the subscription that handed the delivery out: any
     settlement through another one raises ``Error`` INVALID and changes nothing; the
-    holder can still settle it."""
+    holder can still settle it.
+
+    Faults D02, C4.
+    """
 
     async def main() -> None:
         async with kit.opened() as drv:
@@ -782,7 +800,10 @@ def test_driver_close_is_idempotent(kit: DriverKit) -> None:
 
 def test_driver_close_ends_open_subscriptions(kit: DriverKit) -> None:
     """``Driver.close()`` releases every resource, its subscriptions included: a ``get()``
-    blocked on a subscription left open returns None instead of waiting forever."""
+    blocked on a subscription left open returns None instead of waiting forever.
+
+    Regression: memory left getters waiting.
+    """
 
     async def main() -> None:
         drv = kit.driver()
@@ -815,7 +836,10 @@ def test_capability_durable(kit: DriverKit) -> None:
     """``durable``: published, nacked and handed-but-unsettled messages (and whatever an
     open subscription buffered) survive ``Driver.close()`` with that subscription still
     open, and a new instance on the same spec delivers each of them. Without it a new
-    instance starts empty."""
+    instance starts empty.
+
+    Faults F01, C2.
+    """
 
     async def main() -> None:
         q = kit.queue("q")
@@ -885,7 +909,10 @@ def test_capability_max_length(kit: DriverKit) -> None:
     """``max_length``: a publish beyond the queue's limit raises INTERNAL, retryable,
     ``details["reason"] == "queue_full"`` and stores nothing; once there is room a
     publish fits again. A ``dead_letter`` into a full queue raises and leaves the
-    original unsettled with its holder. Without the claim the limit is not enforced."""
+    original unsettled with its holder. Without the claim the limit is not enforced.
+
+    Faults Q01, Q03, P04; regression: SQLite forgot a delivery whose move was refused.
+    """
     if not kit.capabilities.max_length and not kit.has_max_length_option():
         pytest.skip(f"the {kit.name} driver neither claims max_length nor has a max_length option")
 
@@ -936,7 +963,10 @@ def test_capability_max_length(kit: DriverKit) -> None:
 def test_capability_atomic_batches(kit: DriverKit) -> None:
     """``atomic_batches``: a batch that does not fit (room for 2, a batch of 3) stores
     nothing. Without it the error's ``details["stored"]`` lists the indexes of the batch
-    that were stored, and exactly those (in order) are in the queue."""
+    that were stored, and exactly those (in order) are in the queue.
+
+    Faults F04, Q01.
+    """
     if not kit.capabilities.max_length:
         pytest.skip(f"the {kit.name} driver does not enforce max_length: no batch can be refused")
 
@@ -980,7 +1010,10 @@ def test_nack_with_delay_waits_it_out(kit: DriverKit) -> None:
     """``nack(delay=d)``: the message is not delivered before ``d`` (small tolerance) and is
     delivered after it with ``attempts`` + 1; meanwhile ``info`` counts it in
     ``message_count`` and ``delayed`` (not ``ready``/``in_flight``), and afterwards no
-    longer as delayed."""
+    longer as delayed.
+
+    Fault P05 (the delay is kept).
+    """
     delay = kit.used_delay(0.8)
 
     async def main() -> None:
@@ -1020,7 +1053,10 @@ def test_capability_atomic_dead_letter(kit: DriverKit) -> None:
     """``atomic_dead_letter``: a ``dead_letter`` cancelled at any point, then the
     subscription closed, never loses the message (a new subscription receives it from the
     source or the target); with the claim it is never on both; without it a duplicate is
-    allowed. A ``dead_letter`` that completed leaves it on the target only."""
+    allowed. A ``dead_letter`` that completed leaves it on the target only.
+
+    Faults P04, C2.
+    """
     atomic = kit.capabilities.atomic_dead_letter
     cancel_after_ticks = [0, 1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 22, 30, 45]
     timeouts = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.03]

@@ -76,8 +76,8 @@ class _Connection(aiormq.Connection):
     ``frame_size``/``channel_max`` when those are set (0 means "no limit" in AMQP).
     """
 
-    # Two missed heartbeats, not aiormq's three: the issue asks for detection
-    # within about two heartbeats.
+    # Two missed heartbeats, not aiormq's three: a half-open connection is found within
+    # about two heartbeats.
     HEARTBEAT_GRACE_MULTIPLIER = 2
 
     def __init__(self, url: URL, *, frame_max: int | None, channel_max: int | None, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor.registry import ids
-from conveyor.registry.loader.drivers import DRIVER_KINDS
+from conveyor.registry.loader.drivers import driver_kinds
 from conveyor.registry.loader.fields import Load
 from conveyor.registry.loader.functions import FUNCTION_KINDS
 from conveyor.registry.model import ConsumerSpec, DriverSpec, FunctionSpec, PolicySpec, QueueSpec, Registry
@@ -21,7 +21,7 @@ __all__ = ["build", "check_refs"]
 
 
 def _kinds_text(kinds: tuple[str, ...]) -> str:
-    return "a queue.driver.* entry" if kinds == DRIVER_KINDS else f"a {' or '.join(kinds)} entry"
+    return "a queue.driver.* entry" if kinds == driver_kinds() else f"a {' or '.join(kinds)} entry"
 
 
 def check_refs(load: Load) -> None:

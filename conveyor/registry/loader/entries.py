@@ -30,14 +30,18 @@ __all__ = ["load_file"]
 
 # Entry kind -> parser. A parser returns None when the entry yields no spec (a driver
 # entry whose options have a problem); the load fails then anyway.
-_PARSERS: dict[str, Callable[[Fields], Spec | None]] = {
-    **driver_parsers(),
+_OWN_PARSERS: dict[str, Callable[[Fields], Spec | None]] = {
     QUEUE: parse_queue,
     CONSUMER: parse_consumer,
     PYTHON_FUNCTION: parse_python,
     LUA_FUNCTION: parse_lua,
     POLICY: parse_policy,
 }
+
+
+def _parsers() -> dict[str, Callable[[Fields], Spec | None]]:
+    """Every entry kind's parser: one per row of the driver kind table, then the rest."""
+    return {**driver_parsers(), **_OWN_PARSERS}
 
 
 def load_file(path: Path, load: Load) -> None:
@@ -134,7 +138,7 @@ def _load_entry(file: FileCtx, load: Load, index: int, raw: Any) -> None:
         scope.report(path, message, line)
     f.get("meta", mapping, {})  # free-form and ignored, but must be a mapping
     _declare(scope)
-    parser = _PARSERS.get(scope.kind or "")
+    parser = _parsers().get(scope.kind or "")
     if parser is None:
         return  # the kind is a problem already; its fields cannot be checked
     spec = parser(f)
@@ -161,9 +165,10 @@ def _identify(f: Fields) -> None:
     elif name is not None:
         scope.id = scope.label = f"{scope.file.namespace}:{name}"
     kind = f.need("kind", string)
-    if kind is not None and kind not in _PARSERS:
-        f.report(f"unknown kind {kind!r}{suggest(kind, _PARSERS)}; known: {', '.join(_PARSERS)}", "kind")
-    scope.kind = kind if kind in _PARSERS else None
+    parsers = _parsers()
+    if kind is not None and kind not in parsers:
+        f.report(f"unknown kind {kind!r}{suggest(kind, parsers)}; known: {', '.join(parsers)}", "kind")
+    scope.kind = kind if kind in parsers else None
 
 
 def _declare(scope: Scope) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conveyor.queue.codecs import CODECS
 from conveyor.registry import ids
 from conveyor.registry.convert import choice, duration, integer, number, string
-from conveyor.registry.loader.drivers import DRIVER_KINDS, queue_bags
+from conveyor.registry.loader.drivers import driver_kinds, queue_bags
 from conveyor.registry.loader.fields import Fields
 from conveyor.registry.model import DeadLetterSpec, QueueSpec, RetrySpec
 
@@ -16,7 +16,7 @@ QUEUE = "queue.queue"
 
 def parse_queue(f: Fields) -> QueueSpec:
     entry_id = f.scope.entry_id
-    driver = f.ref("driver", DRIVER_KINDS, required=True)
+    driver = f.ref("driver", driver_kinds(), required=True)
     return QueueSpec(
         id=entry_id,
         driver=driver or "",

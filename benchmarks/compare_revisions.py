@@ -12,9 +12,9 @@ machine was doing at the time.
     .venv/bin/python benchmarks/compare_revisions.py --before /tmp/old --after . --rounds 5 \\
         memory_throughput.py -- --only raw,conveyor --n 20000 --repeat 1
 
-Scripts it understands: memory_throughput.py, sqlite_throughput.py (raw baseline:
-``raw``), lua_overhead.py (baseline: the Python handler of the same case), and
-amqp_throughput.py.
+Scripts it understands: memory_throughput.py, sqlite_throughput.py (baseline: the
+``raw`` row), lua_overhead.py (baseline: the Python handler of the same case), and
+amqp_throughput.py (baseline: the raw client of the same benchmark, when run).
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def _lua(doc: Any) -> Figures:
 
 
 def _amqp(doc: Any) -> Figures:
-    return {f"{r['bench']} {r['name']}": float(r["best"]) for r in doc if r.get("best")}
+    """amqp_throughput: throughput rows (latency rows, in ms, are left out)."""
+    return {
+        f"{r['bench']} {r['name']}": float(r["best"]) for r in doc if r.get("best") and r.get("p50") is None
+    }
 
 
 PARSERS: dict[str, Callable[[Any], Figures]] = {
@@ -67,6 +70,10 @@ def baseline_of(script: str, figure: str, figures: Figures) -> float | None:
         return raw[0] if raw and not figure.startswith("raw") else None
     if script == "lua_overhead.py" and figure.endswith(" lua"):
         return figures.get(figure.removesuffix(" lua") + " python")
+    if script == "amqp_throughput.py" and "raw" not in figure:
+        bench = figure.split(" ", 1)[0]
+        raw = [v for k, v in figures.items() if k.startswith(f"{bench} raw")]
+        return raw[0] if raw else None
     return None
 
 

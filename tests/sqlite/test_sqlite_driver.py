@@ -571,7 +571,7 @@ def test_file_turned_read_only_while_running_fails_publish_and_recovers(tmp_path
 
 
 def test_a_job_that_raises_does_not_take_the_database_thread_down(tmp_path: Path) -> None:
-    from conveyor.drivers.sqlite_store import Database
+    from conveyor.drivers.sqlite.store import Database
 
     async def main() -> int:
         db = Database(str(tmp_path / "x.db"), synchronous="full", busy_timeout=1.0)

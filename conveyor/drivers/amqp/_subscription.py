@@ -1,5 +1,10 @@
 """One consumer's attachment to one queue: deliveries in, settlements out.
 
+One concern, kept in one file of a little over 500 lines: attaching, the buffer,
+every settlement and the return of deliveries on close all share one piece of
+bookkeeping (the lease of each delivery and the channel it came on), which would
+have to be passed between files if it were split.
+
 The broker pushes up to ``basic.qos`` unacknowledged messages into a local buffer;
 the core's workers take them with ``get_nowait``/``get`` and settle them here.
 

@@ -1,252 +1,35 @@
-"""``queue.driver.sqlite``: a durable queue in one SQLite file, shared by processes.
+"""``SqliteSubscription``: one consumer's window on a queue.
 
-Model (see docs/sqlite.md): each message is a row. Handing a message out *leases* it
-(``lease_owner``, ``lease_until``) and counts the attempt in the same transaction, so
-a process that dies mid-handler has used an attempt. The holder extends its leases
-while handlers run; an expired lease, or one held by a process that is provably dead
-(same host, PID gone), makes the message available again. ``ack`` deletes the row,
-``nack`` clears the lease and moves ``available_at`` by the retry delay, and a
-dead-letter move (insert the copy, delete the original) is one transaction.
-
-Idle consumers do not poll the table: they sleep until a publish in this process
-wakes them, until the next known ``available_at``, or for ``poll_interval``, after
-which one cheap read (``PRAGMA data_version``) tells whether another process wrote.
+A leasing task fills a buffer of deliveries (leased rows) up to ``prefetch``; the
+core's workers take them with ``get_nowait``/``get`` and settle them here, each
+settlement one statement on the database thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
-
-import msgpack
+from typing import TYPE_CHECKING, Any
 
 from conveyor import errors
-from conveyor.drivers.base import (
-    Capabilities,
-    Delivery,
-    Driver,
-    Headers,
-    Outgoing,
-    Subscription,
-    queue_full,
-)
-from conveyor.drivers.options.sqlite import SCHEMA
-from conveyor.drivers.sqlite_store import Database, owner_alive, owner_id
+from conveyor.drivers.base import Delivery, Outgoing, Subscription
+from conveyor.drivers.sqlite.rows import INSERT, LEASE, PUT_BACK, TAKE, check_room, lease_lost, pack, unpack
 from conveyor.drivers.waiters import Waiters
-from conveyor.registry.model import DriverSpec, QueueSpec
-from conveyor.registry.options import Options
+from conveyor.registry.model import QueueSpec
 
-__all__ = ["SqliteDriver"]
+if TYPE_CHECKING:
+    from conveyor.drivers.sqlite.driver import SqliteDriver
+
+__all__ = ["SqliteSubscription"]
 
 log = logging.getLogger("conveyor.sqlite")
 
-_INSERT = (
-    "INSERT INTO messages (queue, id, body, headers, attempts, available_at, created_at) "
-    "VALUES (?, ?, ?, ?, 0, ?, ?)"
-)
-_LEASE = (
-    "UPDATE messages SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
-    "WHERE seq IN (SELECT seq FROM messages WHERE queue = ? AND lease_owner IS NULL "
-    "AND available_at <= ? ORDER BY available_at, seq LIMIT ?) "
-    "RETURNING seq, id, body, headers, attempts"
-)
-_TAKE = (  # auto_ack: hand out and delete in one step (at most once)
-    "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE queue = ? "
-    "AND lease_owner IS NULL AND available_at <= ? ORDER BY available_at, seq LIMIT ?) "
-    "RETURNING seq, id, body, headers, attempts + 1, available_at, created_at"
-)
-_PUT_BACK = (  # auto_ack: a taken row that was never handed out, as it was
-    "INSERT INTO messages (seq, queue, id, body, headers, attempts, available_at, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
 
-
-def _pack(headers: Headers) -> bytes:
-    packed: bytes = msgpack.packb(headers, use_bin_type=True)
-    return packed
-
-
-def _unpack(blob: bytes) -> Headers:
-    headers: Headers = msgpack.unpackb(blob, raw=False)
-    return headers
-
-
-def _check_room(conn: sqlite3.Connection, queue: QueueSpec, adding: int) -> None:
-    limit = SCHEMA.queue_options(queue.driver_options).max_length
-    if limit is None:
-        return
-    (count,) = conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue.queue_name,)).fetchone()
-    if count + adding > limit:
-        raise queue_full(queue, limit)
-
-
-class SqliteDriver(Driver):
-    kind = "queue.driver.sqlite"
-    capabilities = Capabilities(
-        durable=True,
-        atomic_batches=True,
-        atomic_dead_letter=True,
-        max_length=True,
-        cross_process=True,
-        native_delay=True,
-    )
-
-    def __init__(self, spec: DriverSpec) -> None:
-        super().__init__(spec)
-        options = SCHEMA.driver_options(spec.options)
-        self.path = options.path
-        self.poll_interval = options.poll_interval
-        self.lease_duration = options.lease_duration
-        self.owner = owner_id()
-        self.db = Database(self.path, synchronous=options.synchronous, busy_timeout=options.busy_timeout)
-        self._subscriptions: dict[str, set[_SqliteSubscription]] = {}
-        self._maintenance: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        await self.db.open()
-        await self.db.submit(self._reclaim)
-        self._maintenance = asyncio.get_running_loop().create_task(
-            self._maintain(), name=f"conveyor-sqlite-maintenance:{self.spec.id}"
-        )
-
-    async def close(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-            self._maintenance = None
-        for subs in list(self._subscriptions.values()):
-            for sub in list(subs):
-                await sub.close()
-        await self.db.close()
-
-    async def declare(self, queue: QueueSpec) -> None:
-        return None  # queues are rows' `queue` column: nothing to create
-
-    # -- publishing ------------------------------------------------------------------
-
-    async def publish(self, queue: QueueSpec, batch: list[Outgoing]) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
-            _check_room(conn, queue, len(batch))
-            now = time.time()
-            rows = [(queue.queue_name, m.id, m.body, _pack(m.headers), now, now) for m in batch]
-            conn.executemany(_INSERT, rows)
-
-        await self.db.submit(insert)
-        self._notify(queue.queue_name)
-
-    def _notify(self, queue_name: str) -> None:
-        for sub in self._subscriptions.get(queue_name, ()):
-            sub.poke()
-
-    # -- consuming -------------------------------------------------------------------
-
-    async def subscribe(
-        self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
-    ) -> Subscription:
-        sub = _SqliteSubscription(self, queue, prefetch, auto_ack)
-        await self.db.submit(sub.register)
-        self._subscriptions.setdefault(queue.queue_name, set()).add(sub)
-        sub.start()
-        return sub
-
-    def _forget(self, sub: _SqliteSubscription) -> None:
-        self._subscriptions.get(sub.queue.queue_name, set()).discard(sub)
-
-    async def info(self, queue: QueueSpec) -> dict[str, Any]:
-        name = queue.queue_name
-        heartbeat_window = self.lease_duration
-
-        def counts(conn: sqlite3.Connection) -> dict[str, Any]:
-            now = time.time()
-            row = conn.execute(
-                "SELECT COUNT(*), "
-                "COALESCE(SUM(lease_owner IS NULL AND available_at <= ?), 0), "
-                "COALESCE(SUM(lease_owner IS NULL AND available_at > ?), 0), "
-                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_until >= ?), 0), "
-                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_until < ?), 0) "
-                "FROM messages WHERE queue = ?",
-                (now, now, now, now, name),
-            ).fetchone()
-            (consumers,) = conn.execute(
-                "SELECT COUNT(*) FROM consumers WHERE queue = ? AND heartbeat >= ?",
-                (name, now - heartbeat_window),
-            ).fetchone()
-            total, ready, delayed, leased, expired = row
-            return {
-                "message_count": total,
-                "ready": ready + expired,  # an expired lease is available again
-                "in_flight": leased,
-                "delayed": delayed,
-                "consumer_count": consumers,
-            }
-
-        result: dict[str, Any] = await self.db.submit(counts, write=False)
-        return result
-
-    # -- leases: extension, expiry, dead holders ---------------------------------------
-
-    async def _maintain(self) -> None:
-        """Extend this process's leases and heartbeats; reclaim what dead holders left."""
-        interval = max(min(self.lease_duration / 3, 5.0), 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if any(self._subscriptions.values()):
-                    await self.db.submit(self._extend)
-                await self.db.submit(self._reclaim)
-            except errors.Error as exc:
-                log.error("SQLite lease maintenance on %s failed: %s", self.path, exc)
-
-    def _extend(self, conn: sqlite3.Connection) -> None:
-        now = time.time()
-        conn.execute(
-            "UPDATE messages SET lease_until = ? WHERE lease_owner = ?",
-            (now + self.lease_duration, self.owner),
-        )
-        conn.execute("UPDATE consumers SET heartbeat = ? WHERE owner = ?", (now, self.owner))
-
-    def _reclaim(self, conn: sqlite3.Connection) -> int:
-        """Free leases of dead processes and expired leases; drop dead consumers' rows."""
-        now = time.time()
-        owners = [
-            row[0]
-            for row in conn.execute(
-                "SELECT DISTINCT lease_owner FROM messages WHERE lease_owner IS NOT NULL "
-                "UNION SELECT DISTINCT owner FROM consumers"
-            )
-        ]
-        dead = [o for o in owners if o != self.owner and not owner_alive(o)]
-        freed = 0
-        for owner in dead:
-            cursor = conn.execute(
-                "UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
-            )
-            freed += cursor.rowcount
-            conn.execute("DELETE FROM consumers WHERE owner = ?", (owner,))
-        cursor = conn.execute(
-            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
-            "WHERE lease_owner IS NOT NULL AND lease_until < ?",
-            (now,),
-        )
-        freed += cursor.rowcount
-        conn.execute("DELETE FROM consumers WHERE heartbeat < ?", (now - 10 * self.lease_duration,))
-        if freed:
-            log.warning("reclaimed %d message lease(s) of dead or stalled consumers in %s", freed, self.path)
-            for subs in self._subscriptions.values():
-                for sub in subs:
-                    sub.poke()
-        return freed
-
-
-class _SqliteSubscription(Subscription):
+class SqliteSubscription(Subscription):
     """One consumer's window on a queue: a leasing task fills a buffer of deliveries."""
 
     def __init__(self, driver: SqliteDriver, queue: QueueSpec, prefetch: int, auto_ack: bool) -> None:
@@ -348,8 +131,8 @@ class _SqliteSubscription(Subscription):
         def lease_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
             now = time.time()
             if auto_ack:
-                return conn.execute(_TAKE, (name, now, room)).fetchall()
-            return conn.execute(_LEASE, (owner, now + lease, name, now, room)).fetchall()
+                return conn.execute(TAKE, (name, now, room)).fetchall()
+            return conn.execute(LEASE, (owner, now + lease, name, now, room)).fetchall()
 
         rows = await self.driver.db.submit(lease_rows)
         rows.sort(key=lambda r: r[0])
@@ -358,7 +141,7 @@ class _SqliteSubscription(Subscription):
             await self.driver.db.submit(self._release_rows([r[0] for r in rows]))
             return 0
         for seq, msg_id, body, headers, attempts, *taken in rows:
-            delivery = Delivery(msg_id, body, _unpack(headers), attempts, None if auto_ack else seq)
+            delivery = Delivery(msg_id, body, unpack(headers), attempts, None if auto_ack else seq)
             if auto_ack:
                 self._taken[delivery] = (
                     seq,
@@ -420,7 +203,7 @@ class _SqliteSubscription(Subscription):
         def run(conn: sqlite3.Connection) -> None:
             cursor = conn.execute(sql, (*params, seq, owner))
             if cursor.rowcount != 1:
-                raise _lease_lost(delivery, self.queue)
+                raise lease_lost(delivery, self.queue)
 
         await self._settling(seq, run)
 
@@ -450,15 +233,15 @@ class _SqliteSubscription(Subscription):
         owner = self.driver.owner
 
         def move(conn: sqlite3.Connection) -> None:
-            _check_room(conn, target, 1)
+            check_room(conn, target, 1)
             cursor = conn.execute("DELETE FROM messages WHERE seq = ? AND lease_owner = ?", (seq, owner))
             if cursor.rowcount != 1:
-                raise _lease_lost(delivery, self.queue)
+                raise lease_lost(delivery, self.queue)
             now = time.time()
-            conn.execute(_INSERT, (target.queue_name, copy.id, copy.body, _pack(copy.headers), now, now))
+            conn.execute(INSERT, (target.queue_name, copy.id, copy.body, pack(copy.headers), now, now))
 
         await self._settling(seq, move)
-        self.driver._notify(target.queue_name)
+        self.driver.notify(target.queue_name)
 
     async def _settling(self, seq: int, job: Any) -> None:
         """Run a settlement of row ``seq``; the delivery stays held if it was refused.
@@ -515,7 +298,7 @@ class _SqliteSubscription(Subscription):
         def give_back(conn: sqlite3.Connection) -> None:
             self._release_rows(unstarted)(conn)  # never handed to a handler: no attempt
             self._release_rows(started, count_attempt=True)(conn)
-            conn.executemany(_PUT_BACK, taken)  # auto_ack rows taken but never handed out
+            conn.executemany(PUT_BACK, taken)  # auto_ack rows taken but never handed out
             conn.execute("DELETE FROM consumers WHERE id = ?", (sub_id,))
 
         try:
@@ -526,17 +309,5 @@ class _SqliteSubscription(Subscription):
                 self.queue.id,
                 exc,
             )
-        self.driver._forget(self)
-        for sub in self.driver._subscriptions.get(self.queue.queue_name, ()):
-            sub.poke()
-
-
-def _lease_lost(delivery: Delivery, queue: QueueSpec) -> errors.Error:
-    return errors.internal(
-        f"message {delivery.id} on {queue.id}: its lease expired and it was handed out again; "
-        "this settlement was ignored",
-        retryable=False,
-        queue=queue.id,
-        message_id=delivery.id,
-        reason="lease_lost",
-    )
+        self.driver.forget(self)
+        self.driver.notify(self.queue.queue_name)  # what it returned is for the others now

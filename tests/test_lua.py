@@ -87,7 +87,7 @@ def h(tmp_path: Path) -> Harness:
 
 @pytest.fixture
 def seed_app(tmp_path: Path) -> Harness:
-    """A harness in the namespace ``app`` with the queues the seed's snippets publish to."""
+    """A harness in the namespace ``app`` with the queues the documented snippets publish to."""
     harness = Harness(tmp_path, namespace="app")
     for name in ("tasks", "notifications", "sent"):
         harness.queue(name)
@@ -113,7 +113,7 @@ def started() -> Iterator[Start]:
         app.stop(5)
 
 
-# ===================================================================== the seed, unchanged
+# ====================================================== the documented snippets (tests/lua/seed), unchanged
 
 
 def test_seed_load_snippet_gives_the_queue_module_that_is_also_a_global(seed_app: Harness) -> None:
@@ -194,7 +194,7 @@ def test_seed_delivery_context_snippet_outside_a_delivery_returns_invalid(seed_a
 
 
 def seed_consumer_app(tmp_path: Path, dead: Sink, sent: Sink) -> Path:
-    """The seed's consumer entry verbatim, plus what it needs: queues, the function entry."""
+    """The documented consumer entry verbatim, plus what it needs: queues, the function entry."""
     write(tmp_path, "handlers.lua", 'local email = require("email")\n\n' + seed("handle_email.lua"))
     write(tmp_path, "email.lua", EMAIL_MODULE.read_text(encoding="utf-8"))
     rest = dedent(
@@ -246,7 +246,7 @@ def test_seed_consumer_pattern_acks_and_dead_letters(
     assert all(isinstance(vars(r)["message_id"], str) and vars(r)["message_id"] for r in records)
 
 
-# ===================================================================== the seed's error table
+# ===================================================================== the documented error table
 
 ERROR_TABLE = """\
 function main(q, forbidden, full)

@@ -90,7 +90,7 @@ class OptionReader(Protocol):
 
     def need(self, key: str, convert: Converter[Any]) -> Any: ...
 
-    def nested(self, key: str) -> OptionReader | None: ...
+    def sub(self, key: str) -> OptionReader | None: ...
 
     def resolve_path(self, text: str) -> str: ...
 
@@ -115,7 +115,7 @@ def read_options(cls: type[R], reader: OptionReader) -> R | None:
 def _read_field(field: dataclasses.Field[Any], reader: OptionReader) -> Any:
     convert = field.metadata["convert"]
     if isinstance(convert, type) and issubclass(convert, Options):
-        sub = reader.nested(field.name)
+        sub = reader.sub(field.name)
         return None if sub is None else read_options(convert, sub)
     if field.default is dataclasses.MISSING:
         value = reader.need(field.name, convert)

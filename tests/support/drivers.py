@@ -93,8 +93,7 @@ class DriverKit:
         self.queue_names.append(queue_name)
         bags: dict[str, Options] = {}
         if max_length is not None:
-            fields = {f.name for f in dataclasses.fields(self.schema.queue)}
-            if "max_length" not in fields:
+            if not self.has_max_length_option():
                 raise ValueError(f"the {self.name} driver's queue options have no max_length")
             bags[self.schema.name] = self.schema.queue(max_length=max_length)
         return QueueSpec(

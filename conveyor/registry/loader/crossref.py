@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from conveyor.drivers.kinds import kinds as driver_kinds
 from conveyor.registry import ids
-from conveyor.registry.loader.drivers import driver_kinds
 from conveyor.registry.loader.fields import Load
 from conveyor.registry.loader.functions import FUNCTION_KINDS
 from conveyor.registry.model import ConsumerSpec, DriverSpec, FunctionSpec, PolicySpec, QueueSpec, Registry

@@ -16,17 +16,12 @@ from conveyor.registry.loader.fields import Fields
 from conveyor.registry.model import DriverSpec
 from conveyor.registry.options import Options, read_options
 
-__all__ = ["consumer_bags", "driver_kinds", "driver_parsers", "queue_bags"]
-
-
-def driver_kinds() -> tuple[str, ...]:
-    """The entry kinds of drivers (queue.driver.<name>), as the kind table has them now."""
-    return kinds()
+__all__ = ["consumer_bags", "driver_parsers", "queue_bags"]
 
 
 def driver_parsers() -> dict[str, Callable[[Fields], DriverSpec | None]]:
     """One parser per driver kind, for the entry dispatch."""
-    return {kind: _driver_parser(kind) for kind in driver_kinds()}
+    return {kind: _driver_parser(kind) for kind in kinds()}
 
 
 def _driver_parser(kind: str) -> Callable[[Fields], DriverSpec | None]:
@@ -42,14 +37,14 @@ def _driver_parser(kind: str) -> Callable[[Fields], DriverSpec | None]:
 
 def queue_bags(f: Fields | None) -> dict[str, Options]:
     """A queue's ``driver_options``: every driver's bag may be written."""
-    schemas = [schema(kind) for kind in driver_kinds()]
+    schemas = [schema(kind) for kind in kinds()]
     return _bags(f, [(s.name, s.queue) for s in schemas])
 
 
 def consumer_bags(f: Fields | None) -> dict[str, Options]:
     """A consumer's ``driver_options``: only drivers with consumer options have a bag
     (for the others, ``driver_options.<name>`` is an unknown field)."""
-    schemas = [schema(kind) for kind in driver_kinds()]
+    schemas = [schema(kind) for kind in kinds()]
     return _bags(f, [(s.name, s.consumer) for s in schemas if s.consumer is not None])
 
 

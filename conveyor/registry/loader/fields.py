@@ -205,10 +205,6 @@ class Fields:
         self._children.append(child)
         return child
 
-    def nested(self, key: str) -> Fields | None:
-        """:meth:`sub` for option records (``tls: {...}``)."""
-        return self.sub(key)
-
     def items(self, key: str) -> list[tuple[int, Any]]:
         """``(index, item)`` pairs of the list under ``key``; unresolved items are skipped."""
         value = self.get(key, _items, [])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from conveyor.drivers.kinds import kinds as driver_kinds
 from conveyor.queue.codecs import CODECS
 from conveyor.registry import ids
 from conveyor.registry.convert import choice, duration, integer, number, string
-from conveyor.registry.loader.drivers import driver_kinds, queue_bags
+from conveyor.registry.loader.drivers import queue_bags
 from conveyor.registry.loader.fields import Fields
 from conveyor.registry.model import DeadLetterSpec, QueueSpec, RetrySpec
 

@@ -95,9 +95,6 @@ class Runtime:
             raise errors.not_found(f"queue {queue_id} is not declared", queue=queue_id)
         return bound
 
-    def queues(self) -> list[BoundQueue]:
-        return list(self._queues.values())
-
     def context(self, security: SecurityContext | None) -> contextvars.Context:
         """A fresh context in which this runtime is current and ``security`` is active.
 

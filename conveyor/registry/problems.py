@@ -32,10 +32,6 @@ class Origin:
     def __str__(self) -> str:
         return ": ".join(part for part in (self.file, f"entry {self.entry}" if self.entry else "") if part)
 
-    def problem(self, field: str, message: str, line: int | None = None) -> Problem:
-        """A problem of this entry's ``field`` (``line`` defaults to none: the field's own is unknown)."""
-        return Problem(self.file, self.entry, field, message, line)
-
 
 @dataclass(frozen=True, slots=True)
 class Problem:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest chaos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# The chaos tests of tests/chaos for longer than in `make test` (20 s each there): SQLite and
+# RabbitMQ (classic and quorum queues, on a private node) for CHAOS_SECONDS each. A soak:
+# `make chaos CHAOS_SECONDS=1800`; a replay: `CONVEYOR_CHAOS_SEED=<printed> make chaos`.
+CHAOS_SECONDS ?= 60
+chaos: $(STAMP)
+	CONVEYOR_CHAOS_SECONDS=$(CHAOS_SECONDS) CONVEYOR_CHAOS_AMQP_QUEUE_TYPES=classic,quorum \
+		$(BIN)/pytest tests/chaos -s
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -9,6 +9,7 @@ naming the async form instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -18,6 +19,17 @@ from conveyor import errors
 __all__ = ["LoopThread", "forbid_running_loop", "run_blocking"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("conveyor.app")
+
+DRAIN_TIMEOUT = 1.0  # seconds tasks left at loop shutdown get to end once cancelled
+
+
+async def _bounded(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        await asyncio.wait_for(coro, DRAIN_TIMEOUT)
+    except TimeoutError:
+        log.error("loop shutdown step did not finish within %.1fs; abandoned", DRAIN_TIMEOUT)
 
 
 def forbid_running_loop(async_name: str) -> None:
@@ -62,13 +74,21 @@ class LoopThread:
     def _drain(self) -> None:
         # Anything still pending belongs to a component that failed to stop it;
         # cancel it so the loop can close without "Task was destroyed" noise.
+        # Bounded: a task that swallows its cancellation must not keep the loop (and
+        # the process) alive for ever.
         pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
         for task in pending:
             task.cancel()
         if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.run_until_complete(asyncio.wait(pending, timeout=DRAIN_TIMEOUT))
+            for task in pending:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the owner is gone
+            stuck = [t.get_name() for t in pending if not t.done()]
+            if stuck:
+                log.error("abandoning %d task(s) that ignore cancellation: %s", len(stuck), stuck)
+        self.loop.run_until_complete(_bounded(self.loop.shutdown_asyncgens()))
+        self.loop.run_until_complete(_bounded(self.loop.shutdown_default_executor()))
 
     def stop(self) -> None:
         """Stop the loop and wait for its thread; the loop is closed afterwards."""

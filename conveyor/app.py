@@ -19,8 +19,11 @@ thread if the app owns one. After ``stop`` returns no task of the app is pending
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from functools import partial
@@ -29,6 +32,7 @@ from typing import Any, TypeVar
 
 from conveyor import errors
 from conveyor._loop import LoopThread, forbid_running_loop, run_blocking
+from conveyor.consumer.retry import RetryRule
 from conveyor.consumer.runtime import Consumer, is_async_handler
 from conveyor.drivers.base import Driver
 from conveyor.drivers.kinds import driver_class
@@ -38,11 +42,14 @@ from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import get_codec
 from conveyor.queue.runtime import Runtime
 from conveyor.registry.ids import canonical_id
-from conveyor.registry.model import ConsumerSpec, Registry
+from conveyor.registry.loader import load_registry
+from conveyor.registry.model import ConsumerSpec, DriverSpec, Registry
 from conveyor.registry.problems import Problem, problems_error
 from conveyor.running import RunReport, Supervisor
 from conveyor.security.context import context_from_block
-from conveyor.security.policy import PolicyEngine
+from conveyor.security.policy import PolicyEngine, queue_aliases
+from conveyor.supervision import Restarts, start_with_retries
+from conveyor.watchdog import LoopWatchdog
 
 __all__ = ["DEFAULT_GRACE", "App", "RunReport"]
 
@@ -61,7 +68,10 @@ class App:
         self.log_bodies = log_bodies
         self.consumers: dict[str, Consumer] = {}
         self.stopped_stats: dict[str, dict[str, int]] = {}  # stats of consumers since stopped
-        self.runtime = Runtime(PolicyEngine(registry.policies, registry.strict_security))
+        engine = PolicyEngine(
+            registry.policies, registry.strict_security, aliases=queue_aliases(registry.queues)
+        )
+        self.runtime = Runtime(engine)
         self.functions = Functions(registry)
         self._drivers: dict[str, Driver] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +79,10 @@ class App:
         self._tokens: list[contextvars.Token[Any]] = []
         self._supervisor = Supervisor(self)
         self._on_start_done = False
+        self._watchdog: LoopWatchdog | None = None
+        self._restarts = Restarts()
+        self._missing: dict[str, str] = {}  # optional drivers not started yet: id -> why
+        self._consumers_started = False  # astart_consumers() ran for the auto_start set
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -153,7 +167,10 @@ class App:
             await self._close_drivers()
             self._loop = None
             raise
-        self.runtime.attach(self._loop, queues)
+        self.runtime.attach(self._loop, queues, unavailable=self._unavailable_queues())
+        self._watchdog = LoopWatchdog(self._loop, threading.get_ident())
+        self._watchdog.start()
+        self._retry_missing_drivers()
         if consumers:
             try:
                 await self.astart_consumers()
@@ -165,8 +182,14 @@ class App:
     async def astop(self, timeout: float | None = None) -> None:
         if self._loop is None:
             return
+        await self._restarts.cancel()
         await self.astop_consumers(timeout)
         await self._close_drivers()
+        self._missing.clear()
+        self._consumers_started = False
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         self.runtime.detach()
         self._on_start_done = False
         self._loop = None
@@ -188,23 +211,116 @@ class App:
                 problems.append(Problem(spec.origin.file, spec.id, "kind", exc.message))
         if consumers:
             # auto_start consumers and their dependencies, then on_start functions
-            problems += self.functions.problems(self._consumer_order(None))
+            starting = self._consumer_order(None)
+            problems += self.functions.problems(starting)
+            problems += _retry_problems(starting)
+            problems += self._hard_timeout_problems(starting)
         if problems:
             raise problems_error("cannot start the app", problems)
 
-    async def _open_drivers(self) -> None:
-        for spec in self.registry.drivers.values():
-            driver = driver_class(spec.kind)(spec)
-            await driver.open()
-            self._drivers[spec.id] = driver
+    def _hard_timeout_problems(self, consumers: list[ConsumerSpec]) -> list[Problem]:
+        found: list[Problem] = []
+        for spec in consumers:
+            if spec.hard_timeout is None:
+                continue
+            try:
+                handler = self.functions.handler(spec)
+            except errors.Error:
+                continue  # reported by the handler check
+            if is_async_handler(handler):
+                found.append(
+                    Problem(
+                        spec.origin.file,
+                        spec.id,
+                        "hard_timeout",
+                        "hard_timeout applies to sync and Lua handlers (they run in worker "
+                        "processes); an async handler is bounded by timeout",
+                    )
+                )
+            elif _load_path(self.registry) is None:
+                found.append(
+                    Problem(
+                        spec.origin.file,
+                        spec.id,
+                        "hard_timeout",
+                        "hard_timeout needs an app loaded from files (handler processes load them again)",
+                    )
+                )
+        return found
 
-    async def _declare_queues(self) -> dict[str, BoundQueue]:
+    async def _open_drivers(self) -> None:
+        """Open every driver, retrying retryable failures (see :mod:`conveyor.supervision`)."""
+        for spec in self.registry.drivers.values():
+            try:
+                self._drivers[spec.id] = await self._open_driver(spec)
+            except errors.Error as exc:
+                if spec.startup != "optional":
+                    raise
+                log.error(
+                    "driver %s did not start; it is optional, so the app starts without it "
+                    "(its queues and consumers wait for it; retrying in the background): %s",
+                    spec.id,
+                    exc,
+                )
+                self._missing[spec.id] = exc.message
+
+    async def _open_driver(self, spec: DriverSpec) -> Driver:
+        opened: list[Driver] = []
+
+        async def open_once() -> None:
+            driver = driver_class(spec.kind)(spec)
+            try:
+                await driver.open()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await driver.close()
+                raise
+            opened.append(driver)
+
+        await start_with_retries(f"driver {spec.id}", open_once, spec.startup_timeout)
+        return opened[0]
+
+    async def _declare_queues(self, driver_id: str | None = None) -> dict[str, BoundQueue]:
+        """Declare the queues of open drivers (of ``driver_id`` only, if given)."""
         queues: dict[str, BoundQueue] = {}
         for spec in self.registry.queues.values():
-            driver = self._drivers[spec.driver]
+            driver = self._drivers.get(spec.driver)
+            if driver is None or (driver_id is not None and spec.driver != driver_id):
+                continue
             await driver.declare(spec)
             queues[spec.id] = BoundQueue(spec, get_codec(spec.codec), driver)
         return queues
+
+    def _unavailable_queues(self) -> dict[str, str]:
+        """Queues on optional drivers that have not started, with why."""
+        return {
+            spec.id: f"its driver {spec.driver} has not started: {self._missing[spec.driver]}"
+            for spec in self.registry.queues.values()
+            if spec.driver in self._missing
+        }
+
+    def _retry_missing_drivers(self) -> None:
+        for driver_id in self._missing:
+            spec = self.registry.drivers[driver_id]
+            self._restarts.add(f"driver {driver_id}", f"driver {driver_id}", partial(self._late_driver, spec))
+
+    async def _late_driver(self, spec: DriverSpec) -> None:
+        """An optional driver came up: declare its queues, start the consumers waiting for it."""
+        driver = await self._open_driver(spec)
+        self._drivers[spec.id] = driver
+        try:
+            queues = await self._declare_queues(spec.id)
+        except BaseException:
+            del self._drivers[spec.id]
+            with contextlib.suppress(Exception):
+                await driver.close()
+            raise
+        self._missing.pop(spec.id, None)
+        self.runtime.add(queues)
+        if self._consumers_started:
+            for cspec in self._consumer_order(None):
+                if self.registry.queues[cspec.queue].driver == spec.id:
+                    await self._start_or_defer(cspec)
 
     async def _close_drivers(self) -> None:
         drivers, self._drivers = list(self._drivers.values()), {}
@@ -239,10 +355,48 @@ class App:
         if not self.running:
             raise errors.invalid("app is not started")
         for spec in self._consumer_order(ids):
-            await self._start_consumer(spec)
+            await self._start_or_defer(spec)
+        if ids is None:
+            self._consumers_started = True
         if ids is None and not self._on_start_done:
             self._on_start_done = True
             await self._run_on_start()
+
+    def _process_factory(self, spec: ConsumerSpec) -> Callable[[], Callable[[Any], Any]] | None:
+        """What a handler process runs to build ``spec``'s handler (with ``hard_timeout``)."""
+        if spec.hard_timeout is None:
+            return None
+        path = _load_path(self.registry)
+        if path is None:
+            raise errors.invalid(
+                f"consumer {spec.id}: hard_timeout needs an app loaded from files "
+                "(handler processes load them again)"
+            )
+        return partial(handler_in_process, path, spec.id)
+
+    async def _start_or_defer(self, spec: ConsumerSpec) -> None:
+        """Start ``spec`` (retrying retryable failures until its startup_timeout); an
+        optional consumer that still fails, or one whose optional driver is not up yet,
+        is left to the background restarts."""
+        driver_id = self.registry.queues[spec.queue].driver
+        if driver_id in self._missing:
+            log.warning("consumer %s waits for its driver %s, which has not started", spec.id, driver_id)
+            return  # started by _late_driver
+        try:
+            await start_with_retries(
+                f"consumer {spec.id}", partial(self._start_consumer, spec), spec.startup_timeout
+            )
+        except errors.Error as exc:
+            if spec.startup != "optional":
+                raise
+            log.error(
+                "consumer %s did not start; it is optional, so the app runs without it "
+                "(retrying in the background): %s",
+                spec.id,
+                exc,
+            )
+            what = f"consumer {spec.id}"
+            self._restarts.add(what, what, partial(self._start_consumer, spec))
 
     async def _start_consumer(self, spec: ConsumerSpec) -> None:
         if spec.id in self.consumers:
@@ -257,6 +411,7 @@ class App:
             dead_letter=self.runtime.queue(dead_letter.queue) if dead_letter else None,
             context=partial(self.runtime.context, security),
             log_bodies=self.log_bodies,
+            process_factory=self._process_factory(spec),
         )
         await consumer.start()
         self.consumers[spec.id] = consumer
@@ -398,3 +553,33 @@ class App:
         merged = dict(self.stopped_stats)
         merged.update({cid: c.stats.as_dict() for cid, c in self.consumers.items()})
         return merged
+
+
+def handler_in_process(path: str, consumer_id: str) -> Callable[[Any], Any]:
+    """Run in a handler process (``hard_timeout``): load the app's files, resolve the handler."""
+    registry = load_registry(path)
+    spec = registry.consumers.get(consumer_id)
+    if spec is None:
+        raise errors.invalid(f"consumer {consumer_id} is not declared in {path}")
+    return Functions(registry).handler(spec)
+
+
+def _load_path(registry: Registry) -> str | None:
+    """What to load again in a handler process: the one file, or the files' directory."""
+    files = registry.files
+    if not files:
+        return None
+    if len(files) == 1:
+        return str(files[0])
+    return os.path.commonpath([str(f.parent) for f in files])
+
+
+def _retry_problems(consumers: list[ConsumerSpec]) -> list[Problem]:
+    """Exception classes named by ``retry.never_on`` / ``always_on`` that cannot be imported."""
+    found: list[Problem] = []
+    for spec in consumers:
+        try:
+            RetryRule.of(spec)
+        except errors.Error as exc:
+            found.append(Problem(spec.origin.file, spec.id, "retry", exc.message))
+    return found

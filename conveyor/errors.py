@@ -65,14 +65,14 @@ KINDS: frozenset[str] = frozenset(
 class Error(Exception):
     """A structured conveyor failure: ``kind``, ``retryable``, ``message``, ``details``."""
 
-    __slots__ = ("details", "kind", "message", "retryable")
+    __slots__ = ("details", "kind", "message", "retry_hint", "retryable")
 
     def __init__(
         self,
         kind: str,
         message: str,
         *,
-        retryable: bool = False,
+        retryable: bool | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
         if kind not in KINDS:
@@ -80,7 +80,10 @@ class Error(Exception):
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.retryable = retryable
+        # ``retryable`` as given: None when the code that raised the error did not say.
+        # A consumer retries a failed handler unless this is False (see docs/semantics.md).
+        self.retry_hint = retryable
+        self.retryable = bool(retryable)
         self.details: dict[str, Any] = dict(details) if details else {}
 
     def __str__(self) -> str:
@@ -93,7 +96,7 @@ class Error(Exception):
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self.kind, self.message, self.retryable, self.details))
+        return (_rebuild, (self.kind, self.message, self.retry_hint, self.details))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly form (used by ``--json`` output and logs)."""
@@ -105,38 +108,46 @@ class Error(Exception):
         }
 
 
-def _rebuild(kind: str, message: str, retryable: bool, details: dict[str, Any]) -> Error:
+def _rebuild(kind: str, message: str, retryable: bool | None, details: dict[str, Any]) -> Error:
     return Error(kind, message, retryable=retryable, details=details)
 
 
 def invalid(message: str, **details: Any) -> Error:
-    return Error(INVALID, message, details=details)
+    """Bad input: the same call fails the same way again (``retryable=False``, stated)."""
+    return Error(INVALID, message, retryable=False, details=details)
 
 
 def not_found(message: str, **details: Any) -> Error:
-    return Error(NOT_FOUND, message, details=details)
+    return Error(NOT_FOUND, message, retryable=False, details=details)
 
 
 def permission_denied(message: str, **details: Any) -> Error:
-    return Error(PERMISSION_DENIED, message, details=details)
+    return Error(PERMISSION_DENIED, message, retryable=False, details=details)
 
 
-def internal(message: str, *, retryable: bool = False, **details: Any) -> Error:
-    """An INTERNAL error; like every constructor here, not retryable unless said so."""
+def internal(message: str, *, retryable: bool | None = None, **details: Any) -> Error:
+    """An INTERNAL error; not retryable unless said so (``retry_hint`` None: not said)."""
     return Error(INTERNAL, message, retryable=retryable, details=details)
 
 
 def no_delivery_context() -> Error:
-    return Error(INVALID, "no delivery context: queue.message() is only available inside a consumer handler")
+    return Error(
+        INVALID,
+        "no delivery context: queue.message() is only available inside a consumer handler",
+        retryable=False,
+    )
 
 
 def already_settled(message_id: str) -> Error:
-    return Error(INVALID, f"message {message_id} already settled", details={"message_id": message_id})
+    return Error(
+        INVALID, f"message {message_id} already settled", retryable=False, details={"message_id": message_id}
+    )
 
 
 def message_released(message_id: str) -> Error:
     return Error(
         INVALID,
         f"message {message_id} released: the handler has returned",
+        retryable=False,
         details={"message_id": message_id},
     )

@@ -6,7 +6,12 @@
 consumers (in-flight handlers get the grace period), a snapshot of every declared
 queue's counts, the drivers. The first signal stops gracefully; a second one — or
 any signal once stopping has begun — stops at once: handlers still running are
-cancelled and their messages go back to their queues.
+cancelled and their messages go back to their queues. Whatever handlers do (swallow
+the cancellation, block in C, hold a non-daemon thread), a forced stop by signal
+ends the process within ``FORCED_EXIT_AFTER`` seconds: if the run has not returned
+by then, the process exits with status 128 + the signal's number, without further
+clean-up; messages it still held come back through the driver's own recovery
+(lease expiry, a closed connection).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +39,7 @@ __all__ = ["RunReport", "Runnable", "Supervisor"]
 log = logging.getLogger("conveyor.app")
 
 POLL_INTERVAL = 0.1  # seconds between checks of until() and the timeout
+FORCED_EXIT_AFTER = 3.0  # seconds a stop forced by a signal may take before the process exits
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -41,7 +49,8 @@ class RunReport:
 
     ``reason`` is ``"signal"``, ``"request"`` (:meth:`App.request_stop`), ``"until"``
     (``until()`` returned true) or ``"timeout"``; ``forced`` is true when the stop
-    was made immediate (a second signal, or a signal once stopping had begun).
+    was made immediate (a second signal, or a signal once stopping had begun);
+    ``signal`` is the number of the last signal received.
     ``consumers`` holds each consumer's counters, ``queues`` each declared queue's
     counts once the consumers had stopped (``{}`` for one that could not be read).
     """
@@ -51,6 +60,7 @@ class RunReport:
     elapsed: float
     consumers: dict[str, dict[str, int]]
     queues: dict[str, dict[str, Any]]
+    signal: int | None = None  # the last signal received, if a signal ended the run
 
 
 class Runnable(Protocol):
@@ -81,8 +91,10 @@ class Supervisor:
         self._app = app
         self._requested = threading.Event()
         self._signals = 0
+        self._last_signal: int | None = None
         self._stopping = False
         self._forced = False
+        self._exit_timer: threading.Timer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self.force_event: asyncio.Event | None = None
@@ -96,6 +108,7 @@ class Supervisor:
     def _reset(self) -> None:
         self._requested.clear()
         self._signals = 0
+        self._last_signal = None
         self._stopping = False
         self._forced = False
 
@@ -119,13 +132,30 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None = None) -> None:
         self._signals += 1
+        self._last_signal = signum
         name = signal.Signals(signum).name
         immediate = self._signals > 1 or self._stopping
         if immediate:
             log.warning("received %s: stopping at once", name)
+            self._arm_exit(signum)
         else:
             log.info("received %s: stopping gracefully (send it again to stop at once)", name)
         self.request_stop(immediate)
+
+    def _arm_exit(self, signum: int) -> None:
+        """The last resort of a forced stop: end the process if the run has not returned."""
+        if self._exit_timer is not None:
+            return
+        timer = threading.Timer(FORCED_EXIT_AFTER, _exit_now, (signum,))
+        timer.daemon = True
+        timer.name = "conveyor-forced-exit"
+        self._exit_timer = timer
+        timer.start()
+
+    def _disarm_exit(self) -> None:
+        timer, self._exit_timer = self._exit_timer, None
+        if timer is not None:
+            timer.cancel()
 
     # -- the blocking form ---------------------------------------------------------------
 
@@ -147,6 +177,7 @@ class Supervisor:
                 self._app.stop(grace)
         finally:
             restore()
+            self._disarm_exit()
         return self._report(reason, started, queues)
 
     def _wait(self, started: float, until: Callable[[], bool] | None, timeout: float | None) -> str:
@@ -188,9 +219,12 @@ class Supervisor:
             await self._app.astop_consumers(grace)
             queues = await self.snapshot()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await asyncio.shield(self._app.astop(grace))
+            try:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+                await asyncio.shield(self._app.astop(grace))
+            finally:
+                self._disarm_exit()
         return self._report(reason, started, queues)
 
     # -- stopping ----------------------------------------------------------------------------
@@ -212,4 +246,15 @@ class Supervisor:
 
     def _report(self, reason: str, started: float, queues: dict[str, dict[str, Any]]) -> RunReport:
         elapsed = time.monotonic() - started
-        return RunReport(reason, self._forced, elapsed, self._app.stats(), queues)
+        return RunReport(reason, self._forced, elapsed, self._app.stats(), queues, self._last_signal)
+
+
+def _exit_now(signum: int) -> None:
+    log.critical(
+        "forced stop did not finish within %.1fs (a handler ignores cancellation?); exiting now",
+        FORCED_EXIT_AFTER,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + signum)

@@ -59,9 +59,12 @@ PLACES: list[tuple[str, int, str]] = [
     ("conveyor", 4, "app"),
     ("conveyor.app", 4, "app"),
     ("conveyor.running", 4, "app"),
+    ("conveyor.watchdog", 4, "app"),
+    ("conveyor.supervision", 4, "app"),
     # 5: the command line
     ("conveyor.cli", 5, "cli"),
     ("conveyor.cli.*", 5, "cli"),
+    ("conveyor.prefork", 5, "cli"),
     ("conveyor.__main__", 5, "cli"),
 ]
 

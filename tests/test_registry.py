@@ -10,7 +10,7 @@ import pytest
 
 from conveyor import errors
 from conveyor.drivers.options.amqp import AmqpConsumerOptions, AmqpOptions, AmqpQueueOptions, AmqpTls
-from conveyor.drivers.options.memory import MemoryQueueOptions
+from conveyor.drivers.options.memory import MemoryOptions, MemoryQueueOptions
 from conveyor.drivers.options.sqlite import SqliteOptions, SqliteQueueOptions
 from conveyor.registry import (
     ConsumerSpec,
@@ -27,7 +27,6 @@ from conveyor.registry import (
 )
 from conveyor.registry import __all__ as registry_all
 from conveyor.registry.conditions import NO_VALUE, Condition
-from conveyor.registry.options import NoOptions
 from conveyor.registry.problems import Origin
 
 # --------------------------------------------------------------------------- helpers
@@ -260,7 +259,7 @@ def test_memory_driver(tmp_path: Path) -> None:
     registry = load(tmp_path, item("- {name: mem, kind: queue.driver.memory}"))
     spec = registry.drivers["app:mem"]
     assert spec == DriverSpec(
-        id="app:mem", kind="queue.driver.memory", options=NoOptions(), origin=spec.origin
+        id="app:mem", kind="queue.driver.memory", options=MemoryOptions(), origin=spec.origin
     )
     assert str(spec.origin).endswith("app.yaml: entry app:mem")
     assert (spec.origin.file, spec.origin.entry, spec.origin.line) == (
@@ -1507,16 +1506,17 @@ def test_directory_loads_only_yaml_and_skips_hidden_directories(tmp_path: Path) 
     assert [p.name for p in registry.files] == ["app.yaml"]
 
 
-def test_shared_queue_name_and_small_max_delay_warn(tmp_path: Path) -> None:
+def test_small_max_delay_warns_and_a_declared_alias_does_not(tmp_path: Path) -> None:
     text = base_with(
         extra="""
         - name: alias
           kind: queue.queue
           driver: mem
           queue_name: q
+          alias_of: q
           retry: {delay: 10s, max_delay: 1s}
         """
     )
     warnings = " ".join(load(tmp_path, text).warnings)
-    assert "share one physical queue" in warnings
+    assert "also used by" not in warnings  # shared on purpose (tests/test_hostile_input.py)
     assert "below retry.delay" in warnings

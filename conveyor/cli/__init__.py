@@ -13,6 +13,11 @@ adds one indented line per problem); ``--debug`` prints the full traceback too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -35,6 +40,7 @@ from conveyor.cli.parser import build_parser
 __all__ = [
     "UsageError",
     "build_parser",
+    "entry",
     "format_table",
     "main",
     "parse_header",
@@ -90,3 +96,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     configure_logging(_log_level(args))
     return _run_command(args)
+
+
+def entry() -> None:
+    """The console script: :func:`main`, then exit even if handlers left threads behind.
+
+    A non-daemon thread started by a handler would keep the interpreter alive after
+    the command is done (Python joins such threads at exit). The command's work is
+    over at this point, so the process exits with its code regardless, after naming
+    the threads.
+    """
+    code = main()
+    stray = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if stray:
+        logging.getLogger("conveyor.cli").warning(
+            "exiting although %d non-daemon thread(s) still run: %s",
+            len(stray),
+            ", ".join(t.name for t in stray),
+        )
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from conveyor.cli.output import (
     plural,
     print_json,
 )
+from conveyor.prefork import Prefork, PreforkResult, WorkerLink, check_shareable, combine_reports
 from conveyor.queue.headers import check_headers
 
 __all__ = ["RunOutcome", "cmd_call", "cmd_check", "cmd_info", "cmd_publish", "cmd_run", "idle_for"]
@@ -46,6 +49,7 @@ CONSUMER_COLUMNS = (
     ("FAILED_ATTEMPTS", "failed"),
     ("DEAD_LETTERED", "dead_lettered"),
     ("UNDECODABLE", "undecodable"),
+    ("DROPPED", "dropped"),
 )
 
 QUEUE_COLUMNS = (
@@ -60,7 +64,7 @@ QUEUE_COLUMNS = (
 class RunOutcome:
     """How ``conveyor run`` ended and what it did (an ``App.run`` report, as the CLI names it)."""
 
-    reason: str  # "idle", "signal" or "timeout"
+    reason: str  # "idle", "signal", "timeout"; with --processes also "failed" (a worker's exit code)
     forced: bool
     elapsed: float
     consumers: dict[str, dict[str, int]]
@@ -73,7 +77,7 @@ class RunOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.reason != "timeout",
+            "ok": self.reason not in ("timeout", "failed"),
             "reason": self.reason,
             "forced": self.forced,
             "elapsed": round(self.elapsed, 3),
@@ -98,10 +102,17 @@ def idle_for(app: App, settle: float) -> Callable[[], bool]:
     return until
 
 
-def print_run_summary(outcome: RunOutcome) -> None:
-    how = {"idle": "idle after", "signal": "stopped by a signal after", "timeout": "timed out after"}
+def print_run_summary(outcome: RunOutcome, workers: str | None = None) -> None:
+    how = {
+        "idle": "idle after",
+        "signal": "stopped by a signal after",
+        "timeout": "timed out after",
+        "failed": "stopped (a worker failed) after",
+    }
     forced = " (forced)" if outcome.forced else ""
     out(f"{how[outcome.reason]} {outcome.elapsed:.1f}s{forced}")
+    if workers is not None:
+        out(workers)
     if outcome.consumers:
         rows = [[cid, *(s.get(k) for _, k in CONSUMER_COLUMNS)] for cid, s in outcome.consumers.items()]
         out(format_table(["CONSUMER", *(h for h, _ in CONSUMER_COLUMNS)], rows))
@@ -117,19 +128,103 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``conveyor run``: drivers, queues and consumers until a signal (or idle)."""
     if args.timeout is not None and not args.until_idle:
         raise UsageError("--timeout only applies with --until-idle")
+    if args.processes > 1:
+        if args.prefork_worker is not None:
+            raise UsageError("--prefork-worker and --processes cannot be combined")
+        return _run_processes(args)
+    link = None
+    if args.prefork_worker is not None:  # started by a --processes supervisor
+        slot, fd = args.prefork_worker
+        link = WorkerLink.attach(slot, fd, args.grace)
     app = load_app(args.path, log_bodies=args.log_bodies)
-    for warning in app.registry.warnings:
-        log.warning("%s", warning)
+    if link is None:  # a worker's supervisor has logged them once already
+        for warning in app.registry.warnings:
+            log.warning("%s", warning)
     until = idle_for(app, args.idle_settle) if args.until_idle else None
-    outcome = RunOutcome.of(app.run(grace=args.grace, until=until, timeout=args.timeout))
-    if args.json:
+    report = app.run(grace=args.grace, until=until, timeout=args.timeout)
+    outcome = RunOutcome.of(report)
+    if link is not None:  # a worker: its supervisor prints the summary (and the TIMEOUT line)
+        link.send_report(outcome.to_dict())
+    elif args.json:
         print_json(outcome.to_dict())
     else:
         print_run_summary(outcome)
     if outcome.reason == "timeout":
-        err(f"conveyor: TIMEOUT: not idle after {args.timeout:g}s (--timeout)")
+        if link is None:
+            err(f"conveyor: TIMEOUT: not idle after {args.timeout:g}s (--timeout)")
         return EXIT_FAILURE
+    if outcome.forced:  # a second signal: handlers were cancelled, not finished
+        return 128 + report.signal if report.signal is not None else EXIT_FAILURE
     return EXIT_OK
+
+
+def _worker_args(args: argparse.Namespace, path: str) -> list[str]:
+    """A worker's ``conveyor run`` arguments: the same as ours, minus --processes, --timeout, --json."""
+    argv = [path, "--idle-settle", repr(args.idle_settle)]
+    if args.until_idle:
+        argv.append("--until-idle")
+    if args.grace is not None:
+        argv += ["--grace", repr(args.grace)]
+    if args.log_bodies:
+        argv.append("--log-bodies")
+    if args.log_level:
+        argv += ["--log-level", str(args.log_level)]
+    if args.debug:
+        argv.append("--debug")
+    return argv
+
+
+def _prefork_verdict(args: argparse.Namespace, result: PreforkResult) -> tuple[int, str | None]:
+    """The exit code of a ``--processes`` run, and the line that explains a failure."""
+    if result.failed is not None:
+        code = result.failed.returncode or EXIT_FAILURE
+        return code, f"conveyor: worker {result.failed.worker} {result.failed.ended}; stopped the others"
+    if result.forced:
+        killed = f"; {plural(result.killed, 'worker')} killed (SIGKILL)" if result.killed else ""
+        return EXIT_FAILURE, f"conveyor: the stop was forced{killed}"
+    if result.reason == "timeout":
+        return EXIT_FAILURE, f"conveyor: TIMEOUT: not idle after {args.timeout:g}s (--timeout)"
+    if result.unclean:
+        how = ", ".join(f"worker {run.worker} {run.ended}" for run in result.unclean)
+        return EXIT_FAILURE, f"conveyor: not every worker stopped cleanly: {how}"
+    return EXIT_OK, None
+
+
+def _run_processes(args: argparse.Namespace) -> int:
+    """``conveyor run --processes N``: N workers under one supervisor (``conveyor.prefork``)."""
+    path = os.path.abspath(resolve_config(args.path))
+    app = conveyor.load(path, log_bodies=args.log_bodies)
+    check_shareable(app.registry, args.processes)
+    for warning in app.registry.warnings:
+        log.warning("%s", warning)
+    supervisor = Prefork(
+        _worker_args(args, path), args.processes, timeout=args.timeout, fatal_codes=(EXIT_USAGE,)
+    )
+    result = asyncio.run(supervisor.run())
+    reports = result.reports
+    consumers, queues = combine_reports(reports)
+    forced = result.forced or any(report.get("forced") for report in reports)
+    outcome = RunOutcome(result.reason, forced, result.elapsed, consumers, queues)
+    code, problem = _prefork_verdict(args, result)
+    if args.json:
+        print_json(
+            {
+                **outcome.to_dict(),
+                "ok": code == EXIT_OK,
+                "processes": result.processes,
+                "restarts": result.restarts,
+                "workers": [run.to_dict() for run in result.runs],
+            }
+        )
+    else:
+        workers = (
+            f"{result.processes} worker processes, {plural(result.restarts, 'restart')}; "
+            f"consumer counts summed over {len(reports)} of {len(result.runs)} worker runs"
+        )
+        print_run_summary(outcome, workers)
+    if problem is not None:
+        err(problem)
+    return code
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ __all__ = ["LOG_LEVELS", "build_parser"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+MAX_PROCESSES = 256  # run --processes: a typo must not start thousands of interpreters
+
 _EPILOG = f"""\
 PATH: the configuration file or directory. run and check take it as an argument;
 publish, info and call take -c/--config. Default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG}.
@@ -52,6 +54,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _processes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_PROCESSES}, got {value}")
+    return value
+
+
+def _prefork_worker(text: str) -> tuple[int, int]:
+    index, sep, fd = text.partition(":")
+    if not (sep and index.isdigit() and fd.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected SLOT:FD, got {text!r}")
+    return int(index), int(fd)
+
+
 def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     run = commands.add_parser(
         "run", parents=[common], help="run drivers, queues and consumers until SIGINT/SIGTERM"
@@ -79,6 +98,16 @@ def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--log-bodies", action="store_true", help="include message bodies in failure logs")
     run.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    run.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        metavar="N",
+        help=f"run N worker processes under one supervisor (1..{MAX_PROCESSES}, default: 1); "
+        "needs queues that processes share (not the memory driver)",
+    )
+    # Set by the supervisor of --processes on each worker it starts: slot and control socket.
+    run.add_argument("--prefork-worker", type=_prefork_worker, metavar="I:FD", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run, default_log_level="INFO")
 
 

@@ -24,9 +24,12 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from conveyor import errors
+from conveyor.consumer.processes import HandlerFactory, HandlerProcesses
+from conveyor.consumer.retry import RetryRule
 from conveyor.consumer.settlement import ConsumerStats, Settlement
 from conveyor.consumer.threads import HandlerThreads
 from conveyor.drivers.base import Delivery, Subscription
@@ -39,6 +42,12 @@ from conveyor.registry.model import ConsumerSpec
 __all__ = ["Consumer", "ConsumerStats", "Handler", "is_async_handler"]
 
 log = logging.getLogger("conveyor.consumer")
+
+YIELD_EVERY = 0.002  # seconds a worker may keep the loop while it drains ready deliveries
+CANCEL_WAIT = 1.0  # seconds a cancelled handler gets to end before it is abandoned
+RESPAWN_FIRST = 0.1  # seconds before a crashed worker is replaced ...
+RESPAWN_MAX = 30.0  # ... doubling while workers keep crashing, up to this
+RESPAWN_RESET = 60.0  # seconds without a crash after which the delay starts over
 
 Handler = Callable[[Any], Any]
 
@@ -69,6 +78,8 @@ class Consumer:
         dead_letter: BoundQueue | None = None,
         context: Callable[[], contextvars.Context] = contextvars.copy_context,
         log_bodies: bool = False,
+        retry: RetryRule | None = None,
+        process_factory: HandlerFactory | None = None,
     ) -> None:
         self.spec = spec
         self.queue = queue
@@ -77,15 +88,27 @@ class Consumer:
         self.stats = ConsumerStats()
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self.settlement = Settlement(
-            spec, queue, dead_letter, self.stats, loop=self.loop, log_bodies=log_bodies
+            spec,
+            queue,
+            dead_letter,
+            self.stats,
+            loop=self.loop,
+            log_bodies=log_bodies,
+            retry=retry if retry is not None else RetryRule.of(spec),
         )
         self._context = context
         self._sub: Subscription | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()
+        self._strays: set[asyncio.Task[Any]] = set()  # handlers that outlived a cancellation
+        self._respawn_delay = RESPAWN_FIRST
+        self._last_crash = float("-inf")
         self._busy = 0
         self._stopping = False
         self._threads: HandlerThreads | None = None
+        self._processes: HandlerProcesses | None = None
+        # hard_timeout: a sync handler runs in worker processes that can be killed
+        self._process_factory = process_factory if spec.hard_timeout is not None else None
         self._log_extra = self.settlement.log_extra
         # The common case (async handler, no timeout) skips a layer of coroutines.
         self._fast = self.is_async and spec.timeout is None
@@ -106,7 +129,11 @@ class Consumer:
             self.queue.spec, prefetch=spec.prefetch, auto_ack=spec.auto_ack, options=spec.driver_options
         )
         self.settlement.bind(self._sub)
-        if not self.is_async:
+        if not self.is_async and self._process_factory is not None:
+            self._processes = HandlerProcesses(
+                spec.concurrency, f"conveyor-{spec.id}", self.loop, self._process_factory
+            )
+        elif not self.is_async:
             self._threads = HandlerThreads(spec.concurrency, f"conveyor-{spec.id}", self.loop)
         for index in range(spec.concurrency):
             self._spawn_worker(index)
@@ -124,6 +151,40 @@ class Consumer:
         task = self.loop.create_task(self._work(), name=f"{self.spec.id}#{index}", context=self._context())
         self._workers.add(task)
         task.add_done_callback(self._workers.discard)
+        task.add_done_callback(partial(self._worker_ended, index))
+
+    def _worker_ended(self, index: int, task: asyncio.Task[None]) -> None:
+        """A worker that ends while the consumer runs has crashed: report it, replace it.
+
+        Handler failures never end a worker (they are failed attempts); this is the
+        safety net for a bug in the worker loop or a driver, so the pool never
+        silently shrinks. Replacements back off (``RESPAWN_FIRST`` doubling up to
+        ``RESPAWN_MAX`` seconds) while workers keep dying.
+        """
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is None:
+            return  # the subscription ended (get() returned None): nothing left to take
+        now = self.loop.time()
+        if now - self._last_crash > RESPAWN_RESET:
+            self._respawn_delay = RESPAWN_FIRST
+        self._last_crash = now
+        delay, self._respawn_delay = self._respawn_delay, min(self._respawn_delay * 2, RESPAWN_MAX)
+        self.stats.worker_restarts += 1
+        log.error(
+            "consumer %s: worker %d ended unexpectedly; a new one starts in %.1fs",
+            self.spec.id,
+            index,
+            delay,
+            exc_info=exc,
+            extra=self._log_extra,
+        )
+        self.loop.call_later(delay, self._respawn, index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping:
+            self._spawn_worker(index)
 
     async def stop(self, grace: float, force: asyncio.Event | None = None) -> None:
         """Graceful stop; see the module docstring for the order."""
@@ -135,12 +196,34 @@ class Consumer:
         busy = [t for t in self._workers if not t.done()]
         if busy:
             await self._wait_busy(busy, grace, force)
+        if self._strays:
+            await self._stop_strays()
         if self._sub is not None:
             await self._sub.close()
         if self._threads is not None:
             # Threads of handlers that outlived the grace period are abandoned, not joined.
             self._threads.shutdown()
+        if self._processes is not None:
+            await self._processes.close(0)  # busy ones were cancelled above: killed
         log.info("consumer %s stopped (%s)", self.spec.id, self.stats.as_dict(), extra=self._log_extra)
+
+    async def _stop_strays(self) -> None:
+        strays = list(self._strays)
+        for task in strays:
+            task.cancel()
+        await asyncio.wait(strays, timeout=CANCEL_WAIT)
+        left = 0
+        for task in strays:
+            if not task.done():
+                _abandon(task)
+                left += 1
+        if left:
+            log.error(
+                "consumer %s: %d timed-out handler(s) still ignore cancellation; abandoned",
+                self.spec.id,
+                left,
+                extra=self._log_extra,
+            )
 
     async def _wait_busy(
         self, busy: list[asyncio.Task[None]], grace: float, force: asyncio.Event | None
@@ -169,7 +252,18 @@ class Consumer:
             )
             for task in left:
                 task.cancel()
-            await asyncio.wait(left)
+            await asyncio.wait(left, timeout=CANCEL_WAIT)
+            stuck = [t for t in left if not t.done()]
+            for task in stuck:
+                _abandon(task)
+            if stuck:
+                log.error(
+                    "consumer %s: %d handler(s) ignored cancellation; abandoned "
+                    "(their messages go back to the queue when the subscription closes)",
+                    self.spec.id,
+                    len(stuck),
+                    extra=self._log_extra,
+                )
 
     # -- the worker loop -------------------------------------------------------------
 
@@ -178,9 +272,21 @@ class Consumer:
         assert sub is not None
         task = asyncio.current_task()
         assert task is not None
+        loop_time = self.loop.time
+        since_yield = loop_time()
         while not self._stopping:
             delivery = sub.get_nowait()
-            if delivery is None:
+            if delivery is not None:
+                # A backlog of ready deliveries and a handler that never awaits would
+                # otherwise keep the loop to this worker until the backlog is empty.
+                now = loop_time()
+                if now - since_yield >= YIELD_EVERY:
+                    await asyncio.sleep(0)
+                    since_yield = loop_time()
+                    if self.stopping:  # stop() began while we yielded: give it back
+                        await sub.release(delivery)
+                        return
+            else:
                 self._idle.add(task)
                 try:
                     delivery = await sub.get()
@@ -191,13 +297,14 @@ class Consumer:
                 if self.stopping:  # woke up with a delivery while stopping: give it back
                     await sub.release(delivery)
                     return
+                since_yield = loop_time()
             self._busy += 1
             try:
-                await self._process(delivery)
+                await self._process(delivery, task)
             finally:
                 self._busy -= 1
 
-    async def _process(self, delivery: Delivery) -> None:
+    async def _process(self, delivery: Delivery, worker: asyncio.Task[None]) -> None:
         self.stats.delivered += 1
         settlement = self.settlement
         if await settlement.exhausted(delivery):
@@ -222,11 +329,16 @@ class Consumer:
             if task is not None and task.cancelling():
                 msg._release()  # stopping: left unsettled, returned by close()
                 raise
-            failure = errors.Error(errors.CANCELED, "handler was cancelled")
+            failure = errors.Error(errors.CANCELED, "handler was cancelled", retryable=True)
         except BaseException as exc:  # handlers may raise anything; none may kill the worker
+            if isinstance(exc, GeneratorExit) and _running_task() is not worker:
+                raise  # not the handler: this abandoned worker's coroutine is being closed
             failure = exc
         finally:
-            message_var.reset(token)
+            try:  # noqa: SIM105 - hot path: no context manager per message
+                message_var.reset(token)
+            except ValueError:  # closed from another context (see above)
+                pass
         try:
             if failure is None and not self.spec.auto_ack and msg._try_claim():
                 try:  # the common case, inlined: success -> ack
@@ -245,20 +357,51 @@ class Consumer:
             if timeout is None:
                 await self.handler(payload)
             else:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self.handler(payload)
-                except TimeoutError:
-                    raise _timed_out(timeout) from None
+                await self._invoke_async(payload, timeout)
             return
         await self._invoke_sync(msg, delivery, payload, timeout)
+
+    async def _invoke_async(self, payload: Any, timeout: float) -> None:
+        """Run an async handler in its own task so its timeout holds even when it
+        swallows the cancellation: the worker moves on, the stray task is tracked."""
+        child = self.loop.create_task(self.handler(payload), name=f"{self.spec.id} handler")
+        try:
+            await asyncio.wait((child,), timeout=timeout)
+        except asyncio.CancelledError:
+            child.cancel()
+            if not child.done():
+                self._track_stray(child)
+            raise
+        if child.done():
+            child.result()  # the handler's exception, if any
+            return
+        child.cancel()
+        await asyncio.wait((child,), timeout=CANCEL_WAIT)
+        if not child.done():
+            log.error(
+                "consumer %s: async handler ignored cancellation after its %.1fs timeout; "
+                "it keeps running unowned (the message is settled as timed out)",
+                self.spec.id,
+                timeout,
+                extra=self._log_extra,
+            )
+            self._track_stray(child)
+        raise _timed_out(timeout)
+
+    def _track_stray(self, task: asyncio.Task[Any]) -> None:
+        """Keep a handler task that refused to stop, so stop() can try once more."""
+        self._strays.add(task)
+        task.add_done_callback(_forget_stray(self._strays))
 
     async def _invoke_sync(
         self, msg: Message, delivery: Delivery, payload: Any, timeout: float | None
     ) -> None:
-        ctx = contextvars.copy_context()
-        assert self._threads is not None
-        future = self._threads.submit(ctx, self._call_sync, payload)
+        future: asyncio.Future[Any]
+        if self._processes is not None:
+            future = asyncio.ensure_future(self._processes.run(payload, self.spec.hard_timeout))
+        else:
+            assert self._threads is not None
+            future = self._threads.submit(contextvars.copy_context(), self._call_sync, payload)
         if timeout is None:
             await future
             return
@@ -282,13 +425,45 @@ class Consumer:
         return _check_sync_result(self.handler(payload))
 
 
+_ABANDONED: set[asyncio.Task[Any]] = set()
+
+
+def _abandon(task: asyncio.Task[Any]) -> None:
+    """A task that ignored its cancellation: already reported at ERROR. Keep it
+    referenced so it is not collected mid-flight (which runs its clean-up code in
+    whatever thread collects it), and silence asyncio's "destroyed but pending"."""
+    task._log_destroy_pending = False  # type: ignore[attr-defined]
+    _ABANDONED.add(task)
+    task.add_done_callback(_ABANDONED.discard)
+
+
+def _running_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+
+
+def _forget_stray(strays: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    def forget(task: asyncio.Task[Any]) -> None:
+        strays.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: nobody awaits a stray
+
+    return forget
+
+
 def _timed_out(timeout: float) -> errors.Error:
-    return errors.Error(errors.TIMEOUT, f"handler exceeded its {timeout:g}s timeout")
+    return errors.Error(errors.TIMEOUT, f"handler exceeded its {timeout:g}s timeout", retryable=True)
 
 
 def _check_sync_result(result: Any) -> Any:
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
-        raise errors.invalid("handler returned an awaitable from a sync call; declare it `async def`")
+        # The code is wrong, not the message: retryable is left unsaid so the message
+        # is retried (and survives until the handler is fixed) rather than given up.
+        raise errors.Error(
+            errors.INVALID, "handler returned an awaitable from a sync call; declare it `async def`"
+        )
     return result

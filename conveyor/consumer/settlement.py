@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor import errors
+from conveyor.consumer.retry import RetryRule
 from conveyor.drivers.base import Delivery, Outgoing, Subscription
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import DecodeError
@@ -40,6 +41,8 @@ class ConsumerStats:
     failed: int = 0  # failed attempts (nacks, errors, timeouts)
     dead_lettered: int = 0
     undecodable: int = 0
+    dropped: int = 0  # not retryable, no dead-letter queue: acked with an ERROR log
+    worker_restarts: int = 0  # workers replaced after ending unexpectedly
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -48,6 +51,8 @@ class ConsumerStats:
             "failed": self.failed,
             "dead_lettered": self.dead_lettered,
             "undecodable": self.undecodable,
+            "dropped": self.dropped,
+            "worker_restarts": self.worker_restarts,
         }
 
 
@@ -74,8 +79,10 @@ class Settlement:
         *,
         loop: asyncio.AbstractEventLoop,
         log_bodies: bool = False,
+        retry: RetryRule | None = None,
     ) -> None:
         self.spec = spec
+        self.retry = retry if retry is not None else RetryRule()
         self.queue = queue
         self.target = dead_letter
         self.stats = stats
@@ -137,10 +144,40 @@ class Settlement:
         try:
             if failure is None:
                 await self.ack(delivery)
-            else:
+            elif self.retry.retries(failure):
                 await self.nack(delivery, error_text(failure))
+            else:
+                await self.give_up(delivery, f"not retryable: {error_text(failure)}")
         except errors.Error as exc:
             self.log_settle_error(delivery, exc)
+
+    async def give_up(self, delivery: Delivery, reason: str) -> None:
+        """A failure that retrying cannot fix: dead-letter it now, whatever the attempt.
+
+        Without a dead-letter queue the message is acked and reported at ERROR (and
+        counted as ``dropped``); if dead-lettering fails it stays and is retried.
+        """
+        self.stats.failed += 1
+        if self.target is not None:
+            if await self.dead_letter(delivery, reason):
+                return
+            delay = self.queue.spec.retry.delay_for(delivery.attempts)
+            self._log_attempt(delivery, reason, delay)
+            await self.subscription.nack(delivery, delay)
+            return
+        await self.subscription.ack(delivery)
+        self.stats.dropped += 1
+        extra = {**self.log_extra, "message_id": delivery.id, "attempt": delivery.attempts, "error": reason}
+        if self._log_bodies:
+            extra["body"] = delivery.body.decode(errors="replace")
+        log.error(
+            "message %s on %s dropped after attempt %d: %s; the queue has no dead-letter queue",
+            delivery.id,
+            self.queue.id,
+            delivery.attempts,
+            reason,
+            extra=extra,
+        )
 
     def log_settle_error(self, delivery: Delivery, exc: errors.Error) -> None:
         # The driver could not settle: the message stays unsettled and the driver

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["HandlerThreads"]
+__all__ = ["HandlerExit", "HandlerThreads"]
 
 _Job = tuple["asyncio.Future[Any]", contextvars.Context, Callable[[Any], Any], Any]
 
@@ -28,6 +28,20 @@ def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_result(value)
     else:
         fut.set_exception(value)
+
+
+class HandlerExit(Exception):
+    """A sync handler raised a ``BaseException`` that is not an ``Exception``.
+
+    ``GeneratorExit``, ``SystemExit`` or ``KeyboardInterrupt`` raised by handler code
+    is a failed attempt like any other error; it must not stop the worker that ran it.
+    """
+
+    def __init__(self, raised: BaseException) -> None:
+        text = str(raised)
+        name = type(raised).__name__
+        super().__init__(f"handler raised {name}: {text}" if text else f"handler raised {name}")
+        self.__cause__ = raised
 
 
 class HandlerThreads:
@@ -63,8 +77,12 @@ class HandlerThreads:
             fut, ctx, fn, arg = job
             try:
                 self._done.append((fut, True, ctx.run(fn, arg)))
-            except BaseException as exc:  # delivered to the awaiting worker, never lost
+            except Exception as exc:  # delivered to the awaiting worker, never lost
                 self._done.append((fut, False, exc))
+            except BaseException as exc:  # GeneratorExit, SystemExit, KeyboardInterrupt
+                # Raised into a coroutine these would end the worker task itself:
+                # hand the worker an ordinary exception that names them instead.
+                self._done.append((fut, False, HandlerExit(exc)))
             if not self._schedule_drain():
                 return
 

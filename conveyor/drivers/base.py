@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from conveyor import errors
+from conveyor.drivers.options import max_message_size
 from conveyor.registry.model import DriverSpec, QueueSpec
 from conveyor.registry.options import Options
 
@@ -139,13 +140,20 @@ class Subscription(abc.ABC):
 
 
 class Driver(abc.ABC):
-    """A backend. One instance per driver entry per running app."""
+    """A backend. One instance per driver entry per running app.
+
+    ``max_message_size`` is the largest message (encoded body plus headers, in bytes)
+    the core hands to :meth:`publish`: the entry's ``max_message_size`` option (every
+    driver declares it with ``conveyor.drivers.options.message_size_option``), or the
+    default. The core refuses bigger messages before the driver is called.
+    """
 
     kind: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
     def __init__(self, spec: DriverSpec) -> None:
         self.spec = spec
+        self.max_message_size: int = max_message_size(spec.options)
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -28,7 +28,7 @@ from conveyor.drivers.base import (
 from conveyor.drivers.options.memory import SCHEMA
 from conveyor.drivers.waiters import Waiters
 from conveyor.registry.model import DriverSpec, QueueSpec
-from conveyor.registry.options import Options
+from conveyor.registry.options import NoOptions, Options
 
 __all__ = ["MemoryDriver"]
 
@@ -197,7 +197,8 @@ class MemoryDriver(Driver):
 
     def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
-        SCHEMA.driver_options(spec.options)  # takes none, but not someone else's
+        if not isinstance(spec.options, NoOptions):  # a spec built in Python: the defaults
+            SCHEMA.driver_options(spec.options)  # its own record, not someone else's
         self._queues: dict[str, _Queue] = {}
 
     async def open(self) -> None:

@@ -35,7 +35,7 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
 
 
 def _failure(exc: errors.Error) -> Result:
-    return (False, exc.kind.encode(), exc.message.encode(), exc.retryable)
+    return (False, exc.kind.encode(), exc.message.encode(), exc.retry_hint)
 
 
 def _guarded(method: Callable[..., Result]) -> Callable[..., Result]:

@@ -10,7 +10,13 @@ trusted entry points for Python:
 - ``compile(source, chunkname)``: compile a user chunk (text only) in the sandbox,
 - ``invoke(fn, deadline, ...)``: call user code, translate how it ended,
 - ``new_array()``: an empty table that converts back to a Python list,
-- ``meta_kind(t)``: what an empty table really is (array, error object, message).
+- ``meta_kind(t)``: what an empty table really is (array, error object, message),
+- ``lua_patterns``: the pattern matcher written in Lua (see :mod:`conveyor.lua.patterns`),
+  for tests that compare it with the native one.
+
+The sandbox's C library functions that could run for long without the deadline hook
+firing (pattern matching, loops over table ranges) and ``__gc`` finalizers (which run
+with hooks off) are guarded or refused; see "What runs in C" in docs/lua.md.
 
 Every host callable returns ``true, value`` or ``false, kind, message, retryable``;
 ``settle`` turns the latter into ``nil, err`` for the Lua caller.
@@ -27,14 +33,16 @@ __all__ = ["HOOK_INSTRUCTIONS", "PRELUDE"]
 HOOK_INSTRUCTIONS = 20_000
 
 PRELUDE = r"""
-local host_publish, host_message, host_info, host_msg, host_log, host_module, host_now, hook_count = ...
+local host_publish, host_message, host_info, host_msg, host_log, host_module, host_now, hook_count,
+      patterns_chunk, pattern_budget, pattern_check = ...
 
 local type, select, error, tostring = type, select, error, tostring
-local pairs, ipairs, rawequal = pairs, ipairs, rawequal
+local pairs, ipairs, rawequal, rawget, rawlen = pairs, ipairs, rawequal, rawget, rawlen
 local setmetatable, pcall, xpcall, raw_load = setmetatable, pcall, xpcall, load
 local pack, unpack, concat = table.pack, table.unpack, table.concat
 local sethook, traceback, raw_getmetatable = debug.sethook, debug.traceback, debug.getmetatable
-local co_create, co_resume = coroutine.create, coroutine.resume
+local co_create, co_resume, co_close = coroutine.create, coroutine.resume, coroutine.close
+local tointeger, maxinteger, min, ult = math.tointeger, math.maxinteger, math.min, math.ult
 local string_metatable = raw_getmetatable("")
 
 -- errors ---------------------------------------------------------------------------
@@ -53,7 +61,10 @@ local ErrorMT = {__index = Error, __newindex = read_only, __metatable = "conveyo
 
 local function new_error(kind, message, retryable)
     local err = setmetatable({}, ErrorMT)
-    error_fields[err] = {kind = kind, message = message, retryable = retryable == true}
+    -- hint: retryable as given (nil when not said); a consumer retries unless it is false
+    local hint = nil
+    if retryable ~= nil then hint = retryable == true end
+    error_fields[err] = {kind = kind, message = message, retryable = retryable == true, hint = hint}
     return err
 end
 
@@ -166,6 +177,14 @@ local function hook()
     end
 end
 
+-- The same check, called by the guards below before native work the hook cannot see.
+local function check_deadline()
+    if deadline ~= nil and (expired or host_now() >= deadline) then
+        expired = true
+        error(TIMEOUT, 0)
+    end
+end
+
 -- Once expired, any error caught by user code becomes the timeout again, so neither a
 -- loop around pcall nor a message handler that fails can swallow it.
 local function rethrow_timeout(ok, ...)
@@ -198,6 +217,12 @@ local function wrap(f)
     end
 end
 
+-- Closing runs the coroutine's pending __close handlers in the coroutine itself.
+local function close(co)
+    if deadline ~= nil and type(co) == "thread" then sethook(co, hook, "", hook_count) end
+    return rethrow_timeout(co_close(co))
+end
+
 -- the sandbox ------------------------------------------------------------------------
 
 local function copy(t, without)
@@ -222,6 +247,7 @@ env.os = {time = os.time, clock = os.clock, date = os.date, difftime = os.diffti
 env.coroutine = copy(coroutine)
 env.coroutine.resume = resume
 env.coroutine.wrap = wrap
+env.coroutine.close = close
 env.pcall = safe_pcall
 env.xpcall = safe_xpcall
 env.print = print
@@ -238,9 +264,278 @@ env.collectgarbage = function(opt, ...)
     return raw_collect(opt, ...)
 end
 
--- Text chunks only (no bytecode), and the sandbox unless another table is given.
+-- Text chunks only (no bytecode), and the sandbox unless another table is given. The
+-- parser runs without hooks: a long chunk is fed in pieces, with a deadline check
+-- before each; and the timeout, raised in a reader function, is not returned as an error.
+local LOAD_PIECE = 1 << 20
+local raw_sub, raw_find = string.sub, string.find
 env.load = function(chunk, chunkname, _mode, chunk_env)
-    return raw_load(chunk, chunkname, "t", chunk_env or env)
+    local reader = chunk
+    local named = chunkname == nil or type(chunkname) == "string"
+    if type(chunk) == "string" and #chunk > LOAD_PIECE and named then
+        local at = 1
+        reader = function()
+            check_deadline()
+            local piece = raw_sub(chunk, at, at + LOAD_PIECE - 1)
+            at = at + LOAD_PIECE
+            return piece
+        end
+        chunkname = chunkname or chunk
+    end
+    local fn, err = raw_load(reader, chunkname, "t", chunk_env or env)
+    if fn == nil and expired then error(TIMEOUT, 0) end
+    return fn, err
+end
+
+-- native work the hook cannot see ------------------------------------------------------
+-- The deadline hook runs between VM instructions; C library functions run unobserved.
+-- Those whose work is not bounded by the memory limit are guarded here. A guard calls
+-- the native function in a tail call when it cannot fail; otherwise protected, so that
+-- its errors can be raised as the user's own call would have raised them (a native
+-- function called from a guard would name the guard's line and local names).
+
+local raw_match = string.match
+
+-- Raises `err`, from a native function called protected by the guard described by
+-- `info` (debug.getinfo "n" of the guard, or nil when it was tail-called), with the
+-- position of the guard's caller when the native function raised it itself: argument
+-- errors (numbered and named as for the caller), and the messages `own` recognises.
+-- Must be tail-called by the guard.
+local function native_error(info, public, own, err)
+    if type(err) == "string" then
+        local number, why = raw_match(err, "^bad argument #(%d+) to '[^']*' %((.*)%)$")
+        if number ~= nil then
+            local name, arg = info and info.name or public, tointeger(number)
+            if info and info.namewhat == "method" then
+                arg = arg - 1
+                if arg == 0 then error("calling '" .. name .. "' on bad self (" .. why .. ")", 2) end
+            end
+            error("bad argument #" .. arg .. " to '" .. name .. "' (" .. why .. ")", 2)
+        end
+        if own ~= nil and own(err) then error(err, 2) end
+    end
+    error(err, 0)
+end
+
+-- Lua 5.4 marks a table for finalization when its metatable has `__gc` at this point
+-- (even `false`, replaced later). Finalizers run with hooks off, so none may exist.
+local function protected_metatable(t)
+    local mt = raw_getmetatable(t)
+    return mt ~= nil and rawget(mt, "__metatable") ~= nil
+end
+
+local function own_setmetatable(err) return err == "cannot change a protected metatable" end
+
+env.setmetatable = function(...)
+    local t, mt = ...
+    local mt_type = type(mt)
+    if mt_type == "table" and rawget(mt, "__gc") ~= nil then
+        error("__gc finalizers are not allowed in conveyor functions", 2)
+    end
+    if type(t) ~= "table" or (mt_type ~= "table" and mt_type ~= "nil") or select("#", ...) < 2
+            or protected_metatable(t) then
+        local ok, err = pcall(setmetatable, ...)
+        if ok then return err end
+        return native_error(getinfo(1, "n"), "setmetatable", own_setmetatable, err)
+    end
+    return setmetatable(t, mt)
+end
+
+local guard = raw_load(patterns_chunk, "=conveyor.patterns", "b")(
+    string, check_deadline, native_error, getinfo, pattern_budget, pattern_check)
+env.string.find, env.string.match = guard.find, guard.match
+env.string.gmatch, env.string.gsub = guard.gmatch, guard.gsub
+
+local function int_arg(v)
+    local t = type(v)
+    if t == "number" or t == "string" then return tointeger(v) end
+    return nil
+end
+
+local function text_arg(v)
+    local t = type(v)
+    if t == "string" then return v end
+    if t == "number" then return tostring(v) end
+    return nil
+end
+
+-- string.rep of empty strings loops `n` times producing nothing (2^63 times at most).
+local raw_rep = string.rep
+local BIG_STRING = 1 << 20
+env.string.rep = function(...)
+    local s, n, sep = ...
+    local a, count, b = text_arg(s), int_arg(n), sep == nil and "" or text_arg(sep)
+    if a == nil or count == nil or b == nil then
+        local ok, err = pcall(raw_rep, ...)
+        if ok then return err end
+        return native_error(getinfo(1, "n"), "string.rep", nil, err)
+    end
+    if count > 0 then
+        local unit = #a + #b
+        if unit == 0 then return "" end
+        if unit * count > BIG_STRING then check_deadline() end
+    end
+    return raw_rep(s, n, sep)  -- only "resulting string too large" and memory errors: no position
+end
+
+local raw_move, raw_insert, raw_remove = table.move, table.insert, table.remove
+local raw_sort, raw_concat = table.sort, table.concat
+local CHUNK = 4096
+
+local function own_table(err)
+    return err == "wrong number of arguments to 'insert'" or err == "invalid order function for sorting"
+        or err == "object length is not an integer"
+        or raw_find(err, "^invalid value [^\n]* in table for 'concat'$") ~= nil
+end
+
+-- table.move loops over the whole range even where there are only nils (no memory is
+-- used): large ranges run in pieces, in the native order, with a deadline check each.
+local function chunked_move(a1, f, e, t, dest)
+    local last = e - f  -- offsets 0..last
+    if t > e or t <= f or not rawequal(a1, dest) and a1 ~= dest then
+        for from = 0, last, CHUNK do
+            check_deadline()
+            raw_move(a1, f + from, f + min(from + CHUNK - 1, last), t + from, dest)
+        end
+    else  -- overlapping, moving up: last piece first
+        for to = last, 0, -CHUNK do
+            check_deadline()
+            local from = to - CHUNK + 1
+            if from < 0 then from = 0 end
+            raw_move(a1, f + from, f + to, t + from, dest)
+        end
+    end
+    return dest
+end
+
+env.table.move = function(...)
+    local a1, f, e, t, a2 = ...
+    local fi, ei, ti = int_arg(f), int_arg(e), int_arg(t)
+    if type(a1) == "table" and (a2 == nil or type(a2) == "table") and fi ~= nil and ei ~= nil
+            and ti ~= nil then
+        if ei < fi then return a2 == nil and a1 or a2 end  -- nothing to move
+        if (fi > 0 or ei < maxinteger + fi) and ti <= maxinteger - (ei - fi) then
+            if ei - fi < CHUNK then return (raw_move(a1, fi, ei, ti, a2)) end
+            return chunked_move(a1, fi, ei, ti, a2 == nil and a1 or a2)
+        end
+    end
+    local ok, result = pcall(raw_move, ...)
+    if ok then return result end
+    return native_error(getinfo(1, "n"), "table.move", own_table, result)
+end
+
+-- Positional insert and remove shift every element up to #t: with a `__len` metamethod
+-- that length is anything. Same accesses, in the same order, through the move above.
+local function has_len(t)
+    local mt = raw_getmetatable(t)
+    return mt ~= nil and rawget(mt, "__len") ~= nil
+end
+
+local function length(t)  -- luaL_len
+    local n = int_arg(#t)
+    if n == nil then error("object length is not an integer", 3) end
+    return n
+end
+
+env.table.insert = function(t, ...)
+    local count = select("#", ...)
+    if type(t) == "table" and (count == 1 or count == 2) then
+        if count == 1 then return raw_insert(t, ...) end
+        local pos, value = ...
+        local p = int_arg(pos)
+        if p ~= nil then
+            if not has_len(t) then
+                if ult(p - 1, rawlen(t) + 1) then return raw_insert(t, pos, value) end
+            else
+                local e = length(t) + 1
+                if ult(p - 1, e) then
+                    if p < e then chunked_move(t, p, e - 1, p + 1, t) end
+                    t[p] = value
+                    return
+                end
+            end
+        end
+    end
+    local ok, err = pcall(raw_insert, t, ...)
+    if ok then return end
+    return native_error(getinfo(1, "n"), "table.insert", own_table, err)
+end
+
+env.table.remove = function(t, ...)
+    if type(t) == "table" then
+        local size = has_len(t) and length(t) or rawlen(t)
+        local pos = size
+        if select("#", ...) > 0 and (...) ~= nil then pos = int_arg((...)) end
+        if pos ~= nil and (pos == size or ult(pos - 1, size) or pos - 1 == size) then
+            if not has_len(t) then return raw_remove(t, pos) end
+            local result = t[pos]
+            if pos < size then
+                chunked_move(t, pos + 1, size, pos, t)
+                pos = size
+            end
+            t[pos] = nil
+            return result
+        end
+    end
+    local ok, err = pcall(raw_remove, t, ...)
+    if ok then return err end
+    return native_error(getinfo(1, "n"), "table.remove", own_table, err)
+end
+
+-- Sorting compares in C; with a metatable (any length) or a long array, every
+-- comparison goes through a Lua function so that the hook sees it.
+local SORT_NATIVE = 50000
+local function less(a, b) return a < b end
+local LESS_WHERE = "conveyor:" .. getinfo(less, "S").linedefined .. ": "
+
+env.table.sort = function(...)
+    local t, comp = ...
+    local order = comp
+    if type(t) == "table" and (comp == nil or type(comp) == "function")
+            and (raw_getmetatable(t) ~= nil or rawlen(t) > SORT_NATIVE) then
+        order = less
+        if comp ~= nil then order = function(a, b) return comp(a, b) end end
+    end
+    local ok, err
+    if order == comp then ok, err = pcall(raw_sort, ...) else ok, err = pcall(raw_sort, t, order) end
+    if ok then return end
+    if type(err) == "string" and raw_sub(err, 1, #LESS_WHERE) == LESS_WHERE then
+        err = raw_sub(err, #LESS_WHERE + 1)  -- raised by `less`: no position, as in C
+    end
+    return native_error(getinfo(1, "n"), "table.sort", own_table, err)
+end
+
+-- table.concat over a table with a metatable: elements may come from a C `__index`
+-- (endless, like `tostring`): large ranges are joined in pieces.
+local function concat_pieces(t, s, first, last)
+    local parts, n = {}, 0
+    for from = first, last, CHUNK do
+        check_deadline()
+        local ok, part = pcall(raw_concat, t, s, from, min(from + CHUNK - 1, last))
+        if not ok then error(part, 0) end  -- as raised in C: no position
+        n = n + 1
+        parts[n] = part
+    end
+    return raw_concat(parts, s, 1, n)
+end
+
+env.table.concat = function(...)
+    local t, sep, i, j = ...
+    local ok, result
+    local s, first = sep == nil and "" or text_arg(sep), i == nil and 1 or int_arg(i)
+    if type(t) == "table" and raw_getmetatable(t) ~= nil and s ~= nil and first ~= nil
+            and (j == nil or int_arg(j) ~= nil) then
+        local last = j == nil and length(t) or int_arg(j)  -- __len runs once
+        if last >= first and last - first >= CHUNK then
+            ok, result = pcall(concat_pieces, t, s, first, last)
+        else
+            ok, result = pcall(raw_concat, t, s, first, last)
+        end
+    else
+        ok, result = pcall(raw_concat, ...)
+    end
+    if ok then return result end
+    return native_error(getinfo(1, "n"), "table.concat", own_table, result)
 end
 
 -- Strings index the sandbox's own `string` table, and their metatable is hidden.
@@ -283,15 +578,16 @@ local function describe_value(value)
     return "(a " .. type(value) .. " value)"
 end
 
--- How a call ended, as (status, kind, message, retryable, traceback).
+-- How a call ended, as (status, kind, message, retryable hint, traceback); the hint is
+-- nil when nobody said whether the failure is worth retrying.
 local function describe(err, raised)
     local trace = nil
     if raw_getmetatable(err) == FailureMT then err, trace = err[1], err[2] end
     local fields = error_fields[err]
     if fields ~= nil then
-        return "error", fields.kind, fields.message, fields.retryable, trace
+        return "error", fields.kind, fields.message, fields.hint, trace
     end
-    return "error", raised and "INTERNAL" or "UNKNOWN", describe_value(err), false, trace
+    return "error", raised and "INTERNAL" or "UNKNOWN", describe_value(err), nil, trace
 end
 
 local function outcome(results)
@@ -308,10 +604,10 @@ local function invoke(fn, call_deadline, ...)
     local timed_out = expired
     deadline, expired = nil, false
     if call_deadline ~= nil then sethook() end
-    if timed_out then return "error", "TIMEOUT", "Lua code exceeded its deadline", false, nil end
+    if timed_out then return "error", "TIMEOUT", "Lua code exceeded its deadline", true, nil end
     if described[1] then return unpack(described, 2, described.n) end
     local why = "could not describe the Lua error: " .. describe_value(described[2])
-    return "error", "INTERNAL", why, false, nil
+    return "error", "INTERNAL", why, nil, nil
 end
 
 for _, fn in ipairs({invoke, on_error, outcome, describe, describe_value, rethrow_timeout}) do
@@ -334,5 +630,6 @@ local function meta_kind(t)
     return "table", nil, nil, nil
 end
 
-return {env = env, invoke = invoke, compile = compile, new_array = new_array, meta_kind = meta_kind}
+return {env = env, invoke = invoke, compile = compile, new_array = new_array, meta_kind = meta_kind,
+        lua_patterns = guard.lua}
 """

@@ -6,6 +6,7 @@ gets its own (see :mod:`conveyor.lua.function`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, NoReturn
@@ -15,6 +16,7 @@ import lupa.lua54 as lupa
 from conveyor import errors
 from conveyor.lua.convert import Converter
 from conveyor.lua.host import Host, ModuleFiles
+from conveyor.lua.patterns import BUDGET, CHECK, PATTERNS
 from conveyor.lua.prelude import HOOK_INSTRUCTIONS, PRELUDE
 
 __all__ = ["LOAD_TIMEOUT", "MAX_MEMORY", "LuaState"]
@@ -40,6 +42,16 @@ def _new_runtime() -> Any:
     )
 
 
+@functools.cache
+def _bytecode(source: str, chunkname: str) -> bytes:
+    """Trusted Lua code (the prelude, the pattern guard) compiled once per process: loading
+    bytecode is about ten times faster than compiling the text again in every state."""
+    lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    dump = lua.eval("function(source, name) return string.dump(assert(load(source, name, 't'))) end")
+    chunk: bytes = dump(source.encode(), chunkname.encode())
+    return chunk
+
+
 class LuaState:
     """A Lua state running ``source``; :meth:`call` invokes its entry point."""
 
@@ -55,11 +67,20 @@ class LuaState:
         self.lua = _new_runtime()
         host = Host(modules, log)
         prelude = self.lua.execute(
-            PRELUDE, *host.callables(), time.monotonic, HOOK_INSTRUCTIONS, name="=conveyor", mode="t"
+            _bytecode(PRELUDE, "=conveyor"),
+            *host.callables(),
+            time.monotonic,
+            HOOK_INSTRUCTIONS,
+            _bytecode(PATTERNS, "=conveyor.patterns"),
+            BUDGET,
+            CHECK,
+            name="=conveyor",
+            mode="b",
         )
         self.converter = host.converter = Converter(self.lua.table_from, prelude.new_array, prelude.meta_kind)
         self._invoke = prelude.invoke
         self.env = prelude.env
+        self.lua_patterns = prelude.lua_patterns  # the pattern matcher in Lua (tests compare it)
         self.entry = self._load(prelude, source, chunkname, method)
 
     def _load(self, prelude: Any, source: bytes, chunkname: str, method: str | None) -> Any:
@@ -98,16 +119,22 @@ class LuaState:
         except lupa.LuaError as exc:  # outside user code: building arguments or the prelude ran out of memory
             raise errors.Error(errors.INTERNAL, f"Lua failed: {exc or type(exc).__name__}") from None
         if result[0] == b"ok":
-            return converter.from_lua(result[1], "return value")
+            try:
+                return converter.from_lua(result[1], "return value")
+            except errors.Error as exc:
+                # The code is wrong, not the message: leave retryable unsaid (a consumer
+                # retries it, so the message survives until the function is fixed).
+                raise errors.Error(exc.kind, exc.message, details=exc.details) from None
         self._fail(*result[1:])
 
-    def _fail(self, kind: bytes, message: Any, retryable: bool, trace: Any) -> NoReturn:
+    def _fail(self, kind: bytes, message: Any, retryable: bool | None, trace: Any) -> NoReturn:
         text = _text(message)
         details: dict[str, Any] = {}
         if trace is not None:
             details["lua_traceback"] = _user_frames(_text(trace))
             self.log.debug("Lua error: %s\n%s", text, details["lua_traceback"])
-        raise errors.Error(kind.decode(), text, retryable=bool(retryable), details=details)
+        hint = None if retryable is None else bool(retryable)
+        raise errors.Error(kind.decode(), text, retryable=hint, details=details)
 
 
 def _user_frames(trace: str) -> str:

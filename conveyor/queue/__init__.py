@@ -13,6 +13,7 @@ from typing import Any
 from conveyor._loop import forbid_running_loop, run_blocking
 from conveyor.queue.context import current_message, current_runtime
 from conveyor.queue.message import Message
+from conveyor.queue.runtime import as_batch
 
 __all__ = [
     "Message",
@@ -42,12 +43,12 @@ def publish_many(queue_id: str, items: Iterable[Any], headers: Mapping[str, Any]
     """Publish a batch (items are ``data`` or ``(data, headers)``); returns how many were stored."""
     forbid_running_loop("queue.apublish_many")
     runtime = current_runtime()
-    return run_blocking(runtime.loop, runtime.apublish_many(queue_id, list(items), headers))
+    return run_blocking(runtime.loop, runtime.apublish_many(queue_id, as_batch(items), headers))
 
 
 async def apublish_many(queue_id: str, items: Iterable[Any], headers: Mapping[str, Any] | None = None) -> int:
     """Async form of :func:`publish_many`."""
-    return await current_runtime().apublish_many(queue_id, list(items), headers)
+    return await current_runtime().apublish_many(queue_id, as_batch(items), headers)
 
 
 def info(queue_id: str) -> dict[str, Any]:

@@ -5,7 +5,8 @@ queues it :meth:`~Runtime.attach`\\ es them here, and from then on everything th
 queue API does goes through this object: ``conveyor.queue.publish`` finds the
 current runtime (:mod:`conveyor.queue.context`) and calls :meth:`Runtime.apublish`.
 The runtime checks the ID, the data, the headers and the permission (with the
-policy engine it was given), encodes, and hands the batch to the driver.
+policy engine it was given), encodes, checks the message's size against the
+driver's ``max_message_size``, and hands the batch to the driver.
 
 Everything runs on the app's event loop. Called from another loop (another
 thread's), a coroutine is handed over to the app's loop and awaited there.
@@ -22,17 +23,18 @@ from typing import Any, TypeVar
 
 from conveyor import errors
 from conveyor._loop import forbid_running_loop, run_blocking
-from conveyor.drivers.base import Outgoing
+from conveyor.drivers.base import Headers, Outgoing
+from conveyor.drivers.options import show_size
 from conveyor.queue import context as qctx
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import check_data
-from conveyor.queue.headers import check_headers
+from conveyor.queue.headers import check_headers, headers_size
 from conveyor.registry.ids import canonical_id
 from conveyor.security.context import SecurityContext, activate
 from conveyor.security.context import current as current_security
 from conveyor.security.policy import PolicyEngine
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "as_batch"]
 
 T = TypeVar("T")
 
@@ -63,21 +65,39 @@ class Runtime:
         self.running = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, BoundQueue] = {}
+        self._unavailable: dict[str, str] = {}
 
     # -- lifecycle (driven by the App) -------------------------------------------------
 
-    def attach(self, loop: asyncio.AbstractEventLoop, queues: Mapping[str, BoundQueue]) -> None:
-        """The app is up: its queues are declared on open drivers, on ``loop``."""
+    def attach(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queues: Mapping[str, BoundQueue],
+        unavailable: Mapping[str, str] | None = None,
+    ) -> None:
+        """The app is up: its queues are declared on open drivers, on ``loop``.
+
+        ``unavailable`` maps the queues of optional drivers that have not started to
+        why; using one raises UNAVAILABLE (retryable) until :meth:`add` brings it.
+        """
         self._loop = loop
         self._queues = dict(queues)
+        self._unavailable = dict(unavailable or {})
         self.running = True
         qctx.register_started(self)
+
+    def add(self, queues: Mapping[str, BoundQueue]) -> None:
+        """Queues of a driver that started late (see ``attach``)."""
+        self._queues.update(queues)
+        for queue_id in queues:
+            self._unavailable.pop(queue_id, None)
 
     def detach(self) -> None:
         """The app is stopping: no queue operation may start any more."""
         self.running = False
         qctx.unregister_started(self)
         self._queues = {}
+        self._unavailable = {}
         self._loop = None
 
     @property
@@ -92,6 +112,11 @@ class Runtime:
         if bound is None:
             if not self.running:
                 raise errors.invalid("app is not started")
+            why = self._unavailable.get(queue_id)
+            if why is not None:
+                raise errors.Error(
+                    errors.UNAVAILABLE, f"queue {queue_id} is unavailable: {why}", retryable=True
+                )
             raise errors.not_found(f"queue {queue_id} is not declared", queue=queue_id)
         return bound
 
@@ -119,7 +144,7 @@ class Runtime:
         checked = check_headers(headers) if headers is not None else {}
         self.engine.check_publish(current_security(), qid)
         bound = self.queue(qid)
-        body = bound.codec.encode(data)
+        body = _encode(bound, data, checked)
         await bound.driver.publish(bound.spec, [Outgoing(_ids.next(), body, checked)])
         return True
 
@@ -128,6 +153,7 @@ class Runtime:
     ) -> int:
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.apublish_many(queue_id, items, headers))
+        items = as_batch(items)
         qid = canonical_id(queue_id)
         common = check_headers(headers) if headers is not None else {}
         self.engine.check_publish(current_security(), qid)
@@ -169,12 +195,63 @@ class Runtime:
         return run_blocking(loop, coro)
 
 
+def as_batch(items: object) -> list[Any]:
+    """The items of a ``publish_many`` call, as a new list; INVALID for what is no batch.
+
+    Any iterable is a batch (a list, a tuple, a generator, ...) except text, bytes and
+    mappings: ``"abc"`` is one piece of data, not three, and a dict is one message.
+    """
+    if isinstance(items, (str, bytes, bytearray, memoryview, Mapping)):
+        raise errors.invalid(
+            f"publish_many takes an iterable of items (a list, a tuple, a generator), "
+            f"not {type(items).__name__}: to publish one message, use publish"
+        )
+    try:
+        iterator = iter(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise errors.invalid(
+            f"publish_many takes an iterable of items (a list, a tuple, a generator), "
+            f"not {type(items).__name__}"
+        ) from None
+    return list(iterator)
+
+
+def _encode(bound: BoundQueue, data: Any, headers: Headers) -> bytes:
+    """``data`` encoded by the queue's codec, if the message fits its driver's limit."""
+    limit = bound.driver.max_message_size
+    if data.__class__ in (str, bytes, bytearray) and len(data) > limit:
+        raise _too_large(bound, f"at least {len(data)} bytes of data", len(data), limit)  # not encoded
+    body = bound.codec.encode(data)
+    size = len(body)
+    if size > limit:
+        raise _too_large(bound, f"{size} bytes of encoded body", size, limit)
+    if headers:
+        size += headers_size(headers)
+        if size > limit:
+            raise _too_large(
+                bound, f"{size} bytes (body {len(body)} + headers {size - len(body)})", size, limit
+            )
+    return body
+
+
+def _too_large(bound: BoundQueue, what: str, size: int, limit: int) -> errors.Error:
+    unit = show_size(limit)
+    shown = f"{limit} bytes" + ("" if unit.endswith(("byte", "bytes")) else f" ({unit})")
+    return errors.invalid(
+        f"message too large for queue {bound.id}: {what}, over the max_message_size of "
+        f"driver {bound.spec.driver}, {shown}; nothing was stored",
+        queue=bound.id,
+        size=size,
+        max_message_size=limit,
+    )
+
+
 def _outgoing(bound: BoundQueue, index: int, item: Any, common: dict[str, Any]) -> Outgoing:
     data, extra = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
     try:
         check_data(data)
         headers = {**common, **check_headers(extra)} if extra is not None else dict(common)
-        body = bound.codec.encode(data)
+        body = _encode(bound, data, headers)
     except errors.Error as exc:
         raise errors.Error(
             exc.kind,

@@ -42,6 +42,8 @@ class DriverSpec:
     id: str
     kind: str
     options: Options = field(default_factory=NoOptions)
+    startup: str = "required"  # lifecycle.startup: "required" | "optional"
+    startup_timeout: float = 30.0  # lifecycle.startup_timeout: retry a retryable open for so long
     origin: Origin = Origin()
 
 
@@ -82,6 +84,9 @@ class QueueSpec:
     # {"memory": MemoryQueueOptions(max_length=10), "amqp": AmqpQueueOptions(...)}: the bags
     # written, each validated by its driver's record; a driver reads its own.
     driver_options: Mapping[str, Options] = field(default_factory=lambda: _NO_BAGS)
+    # The ID of the queue entry whose physical queue (driver and queue_name) this one
+    # shares on purpose. Policies judge every ID of one physical queue together.
+    alias_of: str | None = None
     origin: Origin = Origin()
 
 
@@ -105,12 +110,21 @@ class ConsumerSpec:
     prefetch: int = 10
     auto_ack: bool = False
     timeout: float | None = None
+    # a sync or Lua handler with a hard_timeout runs in worker processes; past it, its
+    # process is killed and replaced
+    hard_timeout: float | None = None
     security: SecurityBlock | None = None
     driver_options: Mapping[str, Options] = field(default_factory=lambda: _NO_BAGS)
     lua_source: Path | None = None  # consumer `source:` file for `method:` Lua lookup
     base_dir: Path | None = None  # directory of the declaring YAML (for `handler:` imports)
     auto_start: bool = True
     depends_on: tuple[str, ...] = ()
+    startup: str = "required"  # lifecycle.startup: "required" | "optional"
+    startup_timeout: float = 30.0  # lifecycle.startup_timeout
+    # retry: {never_on: [...], always_on: [...]}: error kinds ("INVALID") or exception
+    # classes ("ValueError", "pkg.mod:MyError") that never / always retry a failure
+    never_retry: tuple[str, ...] = ()
+    always_retry: tuple[str, ...] = ()
     origin: Origin = Origin()
 
 

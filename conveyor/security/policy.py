@@ -16,6 +16,12 @@ Contract (docs/semantics.md#permissions):
   that this applies to deny policies too: write deny conditions so that a missing
   field does not silently lift the deny (e.g. prefer ``exists``-based rules).
 
+- One physical queue may have several IDs (queue entries with the same driver and
+  ``queue_name``, declared with ``alias_of``). The engine is told these aliases and
+  judges a resource that is one of them as all of them: a policy applies when it
+  applies to any of the IDs, so a deny written for one ID denies the queue through
+  every ID, and an allow allows it through every ID.
+
 Configuration mistakes (unknown operator, bad field reference, bad regex, ...) are
 reported once, all together, as INVALID when the :class:`PolicyEngine` is built; the
 rules for conditions are :mod:`conveyor.registry.conditions`, the ones the loader
@@ -37,11 +43,11 @@ from typing import Any, Final, TypeGuard
 
 from conveyor import errors
 from conveyor.registry.conditions import NO_VALUE, Condition, FieldRef, parse_field
-from conveyor.registry.model import PolicySpec
+from conveyor.registry.model import PolicySpec, QueueSpec
 from conveyor.registry.problems import Problem, problems_error
 from conveyor.security.context import Actor, SecurityContext, as_names
 
-__all__ = ["PUBLISH", "PUBLISH_QUEUE", "PolicyEngine", "Scope", "check_request"]
+__all__ = ["PUBLISH", "PUBLISH_QUEUE", "PolicyEngine", "Scope", "check_request", "queue_aliases"]
 
 PUBLISH: Final = "queue.publish"
 PUBLISH_QUEUE: Final = "queue.publish.queue"
@@ -310,15 +316,38 @@ def _permits(scope: Scope, request: _Request) -> bool:
     return False
 
 
-def _denied(ctx: SecurityContext | None, action: str, resource: str) -> errors.Error:
+def _permits_any(scope: Scope, requests: tuple[_Request, ...]) -> bool:
+    """:func:`_permits` for one resource known by several names (a queue's aliases):
+    a policy applies when it applies to any of them."""
+    for policy in scope:
+        if any(policy.applies(request) for request in requests):
+            return not policy.deny
+    return False
+
+
+def _denied(
+    ctx: SecurityContext | None, action: str, resource: str, aliases: tuple[str, ...] = ()
+) -> errors.Error:
     actor = ctx.actor.id if ctx is not None else None
     target = f" on {resource}" if resource else ""
+    others = [name for name in aliases if name != resource]
+    if others:
+        target += f" (the same queue as {', '.join(others)})"
     if ctx is None:
         message = f"permission denied: no security context may {action}{target} (security is strict)"
     else:
         message = f"permission denied: actor {actor!r} may not {action}{target}"
     details = {"action": action, "resource": resource, "actor": actor}
     return errors.Error(errors.PERMISSION_DENIED, message, retryable=False, details=details)
+
+
+def queue_aliases(queues: Mapping[str, QueueSpec]) -> dict[str, tuple[str, ...]]:
+    """Queue ID -> every ID of its physical queue (same driver and ``queue_name``), in
+    declaration order; only for queues that have more than one ID."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for queue in queues.values():
+        groups.setdefault((queue.driver, queue.queue_name), []).append(queue.id)
+    return {qid: tuple(ids) for ids in groups.values() if len(ids) > 1 for qid in ids}
 
 
 def check_request(action: object, resource: object, meta: object) -> None:
@@ -342,11 +371,19 @@ class PolicyEngine:
     every malformed policy, if any policy cannot be compiled.
     """
 
-    __slots__ = ("__weakref__", "_compiled", "_groups", "_specs", "_strict")
+    __slots__ = ("__weakref__", "_aliases", "_compiled", "_groups", "_specs", "_strict")
 
-    def __init__(self, policies: Mapping[str, PolicySpec], strict: bool = False) -> None:
+    def __init__(
+        self,
+        policies: Mapping[str, PolicySpec],
+        strict: bool = False,
+        *,
+        aliases: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
         self._specs = dict(policies)
         self._strict = strict
+        # resource -> every name of it, itself included (see queue_aliases)
+        self._aliases = {name: _with(name, names) for name, names in (aliases or {}).items()}
         problems = [p for spec in self._specs.values() for p in _policy_problems(spec)]
         if problems:
             raise problems_error("invalid security policies", problems)
@@ -403,7 +440,15 @@ class PolicyEngine:
         check_request(action, resource, meta)
         if ctx is None:
             return not self._strict
-        return _permits(ctx.scope_for(self), _Request(action, resource, ctx.actor, meta))
+        return self._decide(ctx.scope_for(self), ctx.actor, action, resource, meta)
+
+    def _decide(
+        self, scope: Scope, actor: Actor, action: str, resource: str, meta: Mapping[str, Any] | None
+    ) -> bool:
+        names = self._aliases.get(resource)
+        if names is None:
+            return _permits(scope, _Request(action, resource, actor, meta))
+        return _permits_any(scope, tuple(_Request(action, name, actor, meta) for name in names))
 
     def check(
         self,
@@ -435,8 +480,17 @@ class PolicyEngine:
         scope = ctx.scope_for(self)
         if not _permits(scope, _Request(PUBLISH, "", ctx.actor, meta)):
             raise _denied(ctx, PUBLISH, "")
-        if not _permits(scope, _Request(PUBLISH_QUEUE, queue_id, ctx.actor, meta)):
-            raise _denied(ctx, PUBLISH_QUEUE, queue_id)
+        if not self._decide(scope, ctx.actor, PUBLISH_QUEUE, queue_id, meta):
+            raise _denied(ctx, PUBLISH_QUEUE, queue_id, self._aliases.get(queue_id, ()))
+
+
+def _with(name: str, names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` as a tuple that holds ``name``, each once; INVALID for a non-string."""
+    found = tuple(dict.fromkeys((name, *names)))
+    bad = [n for n in found if not isinstance(n, str) or not n]
+    if bad:
+        raise errors.invalid(f"queue aliases must be non-empty strings, not {bad[0]!r}")
+    return found
 
 
 def _index_groups(specs: Mapping[str, PolicySpec]) -> dict[str, tuple[str, ...]]:

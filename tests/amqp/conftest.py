@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.amqp.helpers import start_node
 from tests.conftest import require_service
 from tests.support.harness import Harness
-from tests.support.rabbit_node import RabbitNode, rabbit_available
+from tests.support.rabbit_node import RabbitNode
 
 
 @pytest.fixture
@@ -22,13 +23,4 @@ def amqp(tmp_path: Path) -> Harness:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
     """A RabbitMQ node owned by this test module: the tests may stop, kill and restart it."""
-    why = rabbit_available()
-    if why is not None:
-        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
-    rabbit = RabbitNode(tmp_path_factory.mktemp("rabbit"))
-    rabbit.start()
-    try:
-        yield rabbit
-    finally:
-        rabbit.stop(timeout=30)
-        rabbit.kill()
+    yield from start_node(tmp_path_factory)

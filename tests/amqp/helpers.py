@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import aiormq
+import pytest
 
-from conveyor import queue
+from conveyor import errors, queue
 from conveyor.app import App
 from tests.support.harness import AMQP_URL, Harness
+from tests.support.rabbit_node import RabbitNode, rabbit_available
 
 T = TypeVar("T")
 
@@ -54,7 +56,36 @@ class Sink:
             return len(self.items)
 
 
+def count(qid: str) -> int | None:
+    """``queue.info(qid)["message_count"]``, or None while the connection is being replaced."""
+    try:
+        return int(queue.info(qid)["message_count"])
+    except errors.Error as exc:
+        if not exc.retryable:
+            raise
+        return None
+
+
 def on(harness: Harness, url: str, **options: object) -> Harness:
     """Point ``harness``'s driver at ``url`` (a private node or a proxy) with extra options."""
     harness.entries[0] = {"name": "drv", "kind": "queue.driver.amqp", "url": url, **options}
     return harness
+
+
+NODE_START_TIMEOUT = 120.0  # seconds; a node boots in about 5 s on a quiet machine
+
+
+def start_node(
+    factory: pytest.TempPathFactory, name: str = "conveyor-test", config: Sequence[str] = ()
+) -> Iterator[RabbitNode]:
+    """Body of a module fixture: a private RabbitMQ node, stopped (then killed) afterwards."""
+    why = rabbit_available()
+    if why is not None:
+        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
+    rabbit = RabbitNode(factory.mktemp("rabbit"), name, config=config)
+    rabbit.start(timeout=NODE_START_TIMEOUT)
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop(timeout=30)
+        rabbit.kill()

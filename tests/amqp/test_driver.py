@@ -49,7 +49,8 @@ def test_full_queue_rejects_publishes_and_batches_report_what_was_stored(amqp: H
         assert exc.kind == errors.INTERNAL and exc.retryable
         assert exc.details["reason"] == "queue_full"
         assert exc.details["stored"] == [0, 1]
-        assert "full" in exc.message
+        assert exc.details["not_stored"] == [2, 3], "a nack is a definite refusal"
+        assert "full" in exc.message and "nothing was stored" in exc.message
         assert queue.info(q)["message_count"] == 3
 
 
@@ -66,6 +67,7 @@ def test_unroutable_publish_is_an_error_not_a_silent_loss(amqp: Harness) -> None
             queue.publish(q, "lost?")
         assert info.value.kind == errors.INTERNAL and info.value.retryable
         assert info.value.details["reason"] == "unroutable"
+        assert info.value.details["not_stored"] == [0]
 
 
 def test_declaration_mismatch_names_every_differing_argument(amqp: Harness) -> None:
@@ -122,6 +124,51 @@ def test_attempts_count_every_unsettled_delivery(amqp: Harness, queue_type: str)
             return delivery.attempts
 
         assert [on_loop(app, lease_and_vanish()) for _ in range(4)] == [1, 2, 3, 4]
+
+
+def test_a_redelivery_whose_connection_is_lost_while_its_attempt_is_recorded_is_not_handed_out(
+    amqp: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A classic queue's redelivery is recorded (republished with its attempt) before it is
+    handed out. If the connection is lost during that republish, the delivery is void (the
+    broker has it back): it must not reach a handler, whose settlement would be stale; the
+    redelivery on the new connection is recorded and handed out. Faults C3, B03."""
+    on(amqp, "amqp://guest:guest@127.0.0.1:5672/", reconnect_delay="100ms", reconnect_max_delay="500ms")
+    q = amqp.queue("lost_record")
+    with amqp.load() as app:
+        queue.publish(q, "x")
+        bound = app.runtime.queue(q)
+        driver = bound.driver
+        assert isinstance(driver, AmqpDriver)
+        real_publish_raw = driver.publish_raw
+        injected: list[str] = []
+
+        async def connection_lost_during(spec: Any, body: bytes, properties: Any) -> None:
+            if injected:
+                return await real_publish_raw(spec, body, properties)
+            injected.append(properties.message_id)
+            conn = await driver.link.connection()
+            await conn.close()  # the link reconnects, the consumer re-attaches
+            raise errors.internal("publish failed: connection closed", retryable=True)
+
+        async def scenario() -> list[int]:
+            first = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})
+            leased = await asyncio.wait_for(first.get(), 10)
+            assert leased is not None
+            await first.close()  # unsettled: back on the queue, flagged as redelivered
+            monkeypatch.setattr(driver, "publish_raw", connection_lost_during)
+            second = await bound.driver.subscribe(bound.spec, prefetch=1, auto_ack=False, options={})
+            try:
+                again = await asyncio.wait_for(second.get(), 30)
+                assert again is not None
+                await second.ack(again)  # a delivery of the lost connection would be stale here
+            finally:
+                await second.close()
+            return [leased.attempts, again.attempts]
+
+        assert on_loop(app, scenario(), timeout=60) == [1, 2]
+        assert injected, "the redelivery was recorded through publish_raw"
+        wait_until(lambda: queue.info(q)["message_count"] == 0, timeout=10)
 
 
 def test_retry_parks_the_message_in_a_delay_queue(amqp: Harness) -> None:
@@ -196,7 +243,13 @@ def test_stop_returns_prefetched_messages_without_costing_an_attempt(amqp: Harne
 
 
 def test_dead_letter_failure_keeps_the_original(amqp: Harness) -> None:
-    """The dead-letter queue is full: the copy is refused, so the original must stay."""
+    """The dead-letter queue is full: the copy is refused, so the original must stay.
+
+    ``failed`` is counted before the message is parked, and the parked copy is in the
+    delay queue (``delayed``) a confirm round trip before the original is acked (until
+    then it is still ``in_flight``): the counts are read once the consumer has let go
+    of the message, not while it is being moved.
+    """
     q = amqp.queue("poison", dead_letter={"queue": "dlq", "max_attempts": 1}, retry={"delay": "200ms"})
     dlq = amqp.queue("dlq", driver_options={"amqp": {"max_length": 1}})
     calls: list[int] = []
@@ -212,14 +265,20 @@ def test_dead_letter_failure_keeps_the_original(amqp: Harness) -> None:
         queue.publish(dlq, "occupies the only slot")
         queue.publish(q, "p")
         app.start_consumers()
+
         # attempt 1 fails, the copy is refused, the message is retried; attempt 2 is beyond
         # max_attempts, the copy is refused again, so it is parked for retry.max_delay
+        def parked() -> bool:
+            info = queue.info(q)
+            return bool(info["in_flight"] == 0 and info["delayed"] >= 1)
+
         try:
             wait_until(lambda: app.stats()[amqp.qid("worker")]["failed"] >= 2, timeout=20)
-            wait_until(lambda: queue.info(q)["delayed"] == 1, timeout=10)
+            wait_until(parked, timeout=10)
         except AssertionError as exc:
             raise AssertionError(f"{exc}: stats {app.stats()}, info {queue.info(q)}, calls {calls}") from None
-        assert queue.info(q)["message_count"] == 1
+        counts = queue.info(q)
+        assert [counts[k] for k in ("ready", "in_flight", "delayed", "message_count")] == [0, 0, 1, 1]
         assert queue.info(dlq)["message_count"] == 1
         assert calls == [1]
     finally:
@@ -254,6 +313,8 @@ def test_connection_options_reach_the_broker(amqp: Harness) -> None:
 
 
 def test_wrong_password_fails_at_start_with_a_clear_error(amqp: Harness) -> None:
+    """A refused login is not retryable: the app's start does not keep trying it for
+    its ``startup_timeout`` (30 s here), it fails at once."""
     on(amqp, "amqp://guest:wrong@127.0.0.1:5672/", connection_timeout="5s")
     amqp.queue("nope")
     app = amqp.load()
@@ -261,8 +322,10 @@ def test_wrong_password_fails_at_start_with_a_clear_error(amqp: Harness) -> None
     with pytest.raises(errors.Error) as info:
         app.start()
     assert time.monotonic() - t0 < 10
-    assert info.value.kind == errors.INTERNAL
-    assert "cannot connect" in info.value.message and "wrong" not in info.value.message
+    assert info.value.kind == errors.PERMISSION_DENIED and not info.value.retryable, info.value
+    assert info.value.details["reason"] == "auth"
+    assert "cannot connect" in info.value.message and "ACCESS_REFUSED" in info.value.message
+    assert "wrong" not in info.value.message
 
 
 def test_inline_pem_in_yaml_is_kept_as_pem(tmp_path: Any) -> None:

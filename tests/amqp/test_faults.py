@@ -22,7 +22,7 @@ import pytest
 
 from conveyor import errors, queue
 from conveyor.drivers.amqp import AmqpDriver
-from tests.amqp.helpers import Sink, on, on_loop
+from tests.amqp.helpers import NODE_START_TIMEOUT, Sink, broker, count, on, on_loop
 from tests.support.harness import Harness
 from tests.support.rabbit_node import RabbitNode
 from tests.support.tcp_proxy import TcpProxy
@@ -31,6 +31,19 @@ from tests.support.waiting import wait_until
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 FAST_RECONNECT = {"reconnect_delay": "200ms", "reconnect_max_delay": "1s", "connection_timeout": "5s"}
+
+
+# Time bounds allow this much for a loaded machine (a starved event loop, a slow broker).
+SLACK = 4.0
+CTL_TIMEOUT = 120.0  # each rabbitmqctl call boots an Erlang VM: slow on a loaded machine
+
+
+def restart(node: RabbitNode) -> None:
+    try:
+        node.stop()
+    except subprocess.SubprocessError:  # rabbitmqctl too slow: kill it (durable data survives)
+        node.kill()
+    node.start(timeout=NODE_START_TIMEOUT)
 
 
 def driver_of(app: Any, qid: str) -> AmqpDriver:
@@ -42,7 +55,7 @@ def driver_of(app: Any, qid: str) -> AmqpDriver:
 # -- broker restarts (private node) -----------------------------------------------------------
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_broker_restart_during_a_publish_loop_loses_no_confirmed_message(
     node: RabbitNode, amqp: Harness
 ) -> None:
@@ -69,7 +82,7 @@ def test_broker_restart_during_a_publish_loop_loses_no_confirmed_message(
         thread.start()
         try:
             wait_until(lambda: len(confirmed) >= 200, timeout=30)
-            node.restart()
+            restart(node)
             restarted.set()
             after = len(confirmed)
             wait_until(lambda: len(confirmed) >= after + 200, timeout=60)
@@ -122,7 +135,7 @@ def test_broker_restart_during_consumption_consumers_resume(node: RabbitNode, am
     try:
         queue.publish_many(q, [{"n": i} for i in range(100)])
         wait_until(lambda: len(sink) >= 100, timeout=30)
-        node.restart()
+        restart(node)
         publish_with_retries(q, [{"n": i} for i in range(100, 200)], within=60)
         wait_until(lambda: {item["n"] for item in sink.items} >= set(range(200)), timeout=60)
         driver = driver_of(app, q)
@@ -146,14 +159,14 @@ def publish_with_retries(qid: str, items: list[Any], within: float) -> None:
                 time.sleep(0.2)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(600)
 def test_blocked_broker_makes_publish_fail_in_bounded_time(node: RabbitNode, amqp: Harness) -> None:
     on(amqp, node.url, connection_timeout="3s", reconnect_delay="200ms", reconnect_max_delay="1s")
     q = amqp.queue("blocked")
     with amqp.load():
         queue.publish(q, "before")
-        node.ctl("set_vm_memory_high_watermark", "0.0000001")
-        try:
+        try:  # the alarm is lifted even when rabbitmqctl gave up on setting it (it may be set)
+            node.ctl("set_vm_memory_high_watermark", "0.0000001", timeout=CTL_TIMEOUT)
             t0 = time.monotonic()
             with pytest.raises(errors.Error) as info:
                 queue.publish(q, "while blocked")
@@ -161,10 +174,21 @@ def test_blocked_broker_makes_publish_fail_in_bounded_time(node: RabbitNode, amq
             assert info.value.kind == errors.INTERNAL and info.value.retryable
             assert info.value.details["reason"] == "timeout"
             assert "may or may not be stored" in info.value.message
-            assert 2.5 <= took <= 6, took
+            assert 2.5 <= took <= 3 + SLACK, took
         finally:
-            node.ctl("set_vm_memory_high_watermark", "0.4")
-        publish_with_retries(q, ["after"], within=30)
+            unblock(node)
+        publish_with_retries(q, ["after"], within=60)
+
+
+def unblock(node: RabbitNode) -> None:
+    """Lift the memory alarm; when rabbitmqctl cannot, restart the node (a watermark set at
+    run time does not survive a restart), so that the tests after this one do not find
+    the node still blocked (seen on a loaded machine, where one rabbitmqctl call can take
+    minutes)."""
+    try:
+        node.ctl("set_vm_memory_high_watermark", "0.4", timeout=CTL_TIMEOUT)
+    except subprocess.SubprocessError:
+        restart(node)
 
 
 # -- connection faults through the proxy ---------------------------------------------------------
@@ -222,7 +246,7 @@ def test_half_open_connection_is_detected_within_about_two_heartbeats(
             publish_with_retries(q, ["after"], within=20)
             assert queue.info(q)["message_count"] == 2
     # heartbeat 1 s: frames every 0.5 s; declared dead after 2 * (1 + 1) s of silence
-    assert detected <= 5.5, detected
+    assert detected <= 4 + SLACK, detected
 
 
 # -- consumer processes that die -------------------------------------------------------------------
@@ -330,3 +354,110 @@ def test_poison_message_that_kills_every_consumer_is_dead_lettered(amqp: Harness
         assert queue.info(q)["message_count"] == 0
     assert crashes == 3, marker.read_text()
     assert marker.read_text().count("crashed") == 3
+
+
+# -- lost connections count as attempts ----------------------------------------------------------
+
+# Seconds an async handler blocks the loop: the broker gives up on a heartbeat of 2 s after
+# about 4 s of silence, and aiormq after 2 * (2 + 1) s.
+BLOCKED = 8.0
+
+
+@pytest.mark.timeout(120)
+def test_a_sync_handler_that_runs_long_keeps_the_connection_and_runs_once(
+    node: RabbitNode, amqp: Harness
+) -> None:
+    """A sync handler runs in a thread: the loop keeps answering heartbeats, so a handler
+    that takes five heartbeat timeouts loses neither the connection nor its delivery.
+    Faults F07."""
+    on(amqp, node.url, heartbeat="2s", **FAST_RECONNECT)
+    sink = Sink()
+
+    def slow(payload: Any) -> None:
+        sink.record(payload)
+        time.sleep(10)
+
+    q = amqp.queue("slow_sync")
+    amqp.consumer("worker", "slow_sync", slow)
+    app = amqp.load()
+    app.start()
+    try:
+        queue.publish(q, "long")
+        driver = driver_of(app, q)
+        app.start_consumers()
+        wait_until(lambda: len(sink) == 1, timeout=20)
+        wait_until(lambda: app.stats()[amqp.qid("worker")]["acked"] == 1, timeout=40)
+        assert queue.info(q)["message_count"] == 0
+        assert driver.link.generation == 1, "the connection was never lost"
+    finally:
+        app.stop(timeout=5)
+    assert sink.attempts == [1]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_heartbeats_missed_by_a_blocked_loop_cost_an_attempt_each_until_dead_lettered(
+    node: RabbitNode, amqp: Harness, queue_type: str
+) -> None:
+    """An async handler blocks the event loop (CPU work, time.sleep): nothing answers the
+    broker's heartbeats, the broker drops the connection and redelivers. Each such
+    redelivery is an attempt, so the message reaches max_attempts and is dead-lettered
+    instead of being redelivered for ever. Classic queues count it by recording the
+    redelivery in the message, quorum queues by their x-delivery-count. Faults F07, C3."""
+    on(amqp, node.url, heartbeat="2s", **FAST_RECONNECT)
+    sink = Sink()
+
+    async def blocks_the_loop(payload: Any) -> None:
+        sink.record(payload)
+        time.sleep(BLOCKED)  # noqa: ASYNC251 - blocking the loop is the fault under test
+
+    q = amqp.queue(
+        "blocker",
+        dead_letter={"queue": "blocker_dlq", "max_attempts": 2},
+        driver_options={"amqp": {"queue_type": queue_type}},
+    )
+    dlq = amqp.queue("blocker_dlq")
+    amqp.consumer("worker", "blocker", blocks_the_loop)
+    app = amqp.load()
+    app.start()
+    try:
+        queue.publish(q, "heavy")  # before the handler can block the loop this publish waits on
+        app.start_consumers()
+        wait_until(lambda: count(dlq) == 1, timeout=120)
+        wait_until(lambda: count(q) == 0, timeout=30)
+        dead = broker(lambda ch: ch.basic_get(f"{amqp.namespace}.blocker_dlq", no_ack=True), node.url)
+    finally:
+        app.stop(timeout=5)
+    assert sink.items == ["heavy", "heavy"]
+    assert sink.attempts == [1, 2]
+    headers = dead.header.properties.headers
+    assert headers["x_dead_letter_reason"].startswith("attempts exhausted: delivered 3 times")
+    assert headers["attempts"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_without_a_dead_letter_queue_each_lost_connection_still_raises_attempts(
+    node: RabbitNode, amqp: Harness
+) -> None:
+    """No max_attempts applies without a dead-letter queue, but the count keeps growing
+    with every connection the blocked loop loses (it is not stuck at 2). Faults C3, F07."""
+    on(amqp, node.url, heartbeat="2s", **FAST_RECONNECT)
+    sink = Sink()
+
+    async def blocks_the_loop(payload: Any) -> None:
+        sink.record(payload)
+        if len(sink) < 3:
+            time.sleep(BLOCKED)  # noqa: ASYNC251 - blocking the loop is the fault under test
+
+    q = amqp.queue("blocker_nodlq")
+    amqp.consumer("worker", "blocker_nodlq", blocks_the_loop)
+    app = amqp.load()
+    app.start()
+    try:
+        queue.publish(q, "heavy")
+        app.start_consumers()
+        wait_until(lambda: len(sink) >= 3, timeout=120)
+        wait_until(lambda: count(q) == 0, timeout=30)
+    finally:
+        app.stop(timeout=5)
+    assert sink.attempts == [1, 2, 3]

@@ -253,6 +253,90 @@ def test_dead_letter_after_max_attempts_with_headers(harness: Harness) -> None:
     assert dlq_sink.attempts == [1], "attempts restart on the dead-letter queue"
 
 
+class NotWorthRetrying(Exception):
+    """Named by a consumer's ``retry.never_on`` below."""
+
+
+@pytest.mark.parametrize(
+    ("failure", "retry"),
+    [
+        (errors.Error(errors.INVALID, "bad address", retryable=False), None),
+        (NotWorthRetrying("no such customer"), {"never_on": [f"{__name__}:NotWorthRetrying"]}),
+        (errors.Error(errors.NOT_FOUND, "no such customer"), {"never_on": ["NOT_FOUND"]}),
+    ],
+    ids=["retryable-false", "never-on-class", "never-on-kind"],
+)
+def test_a_failure_not_worth_retrying_is_dead_lettered_at_once(
+    harness: Harness, failure: BaseException, retry: dict[str, Any] | None
+) -> None:
+    """A non-retryable failure skips the remaining attempts. Fault C3 (attempts counted)."""
+    sink, dlq_sink = Sink(), Sink()
+
+    def fail(payload: Any) -> None:
+        sink.record(payload)
+        raise failure
+
+    q = harness.queue("orders", dead_letter={"queue": "orders_dlq", "max_attempts": 5})
+    harness.queue("orders_dlq")
+    harness.consumer("worker", "orders", fail, **({"retry": retry} if retry else {}))
+    harness.consumer("dlq_worker", "orders_dlq", dlq_sink.record)
+    with running(harness) as app:
+        queue.publish(q, {"order": 1})
+        wait_until(lambda: len(dlq_sink) == 1)
+        assert app.wait_idle(timeout=5)
+        assert queue.info(q)["message_count"] == 0
+        stats = app.stats()[harness.qid("worker")]
+    assert sink.attempts == [1], "tried once, not max_attempts times"
+    assert dlq_sink.headers[0]["attempts"] == 1
+    assert dlq_sink.headers[0]["x_dead_letter_reason"].startswith("not retryable: ")
+    assert (stats["failed"], stats["dead_lettered"], stats["dropped"]) == (1, 1, 0)
+
+
+def test_always_on_retries_what_says_it_is_not_retryable(harness: Harness) -> None:
+    sink, dlq_sink = Sink(), Sink()
+
+    def fail(payload: Any) -> None:
+        sink.record(payload)
+        raise errors.Error(errors.UNAVAILABLE, "smtp down", retryable=False)
+
+    q = harness.queue("mails", dead_letter={"queue": "mails_dlq", "max_attempts": 3})
+    harness.queue("mails_dlq")
+    harness.consumer("worker", "mails", fail, retry={"always_on": ["UNAVAILABLE"]})
+    harness.consumer("dlq_worker", "mails_dlq", dlq_sink.record)
+    with running(harness) as app:
+        queue.publish(q, "x")
+        wait_until(lambda: len(dlq_sink) == 1)
+        assert app.wait_idle(timeout=5)
+    assert sink.attempts == [1, 2, 3]
+    assert "UNAVAILABLE: smtp down" in dlq_sink.headers[0]["x_dead_letter_reason"]
+
+
+def test_a_failure_not_worth_retrying_without_dead_letter_queue_is_dropped_and_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = Sink()
+
+    def fail(payload: Any) -> None:
+        sink.record(payload)
+        if payload == "bad":
+            raise errors.invalid("malformed order")
+
+    q = harness.queue("plain")
+    harness.consumer("worker", "plain", fail)
+    with running(harness) as app:
+        queue.publish(q, "bad")
+        queue.publish(q, "good")
+        wait_until(lambda: len(sink) == 2)
+        assert app.wait_idle(timeout=5)
+        assert queue.info(q)["message_count"] == 0
+        stats = app.stats()[harness.qid("worker")]
+    assert sink.items == ["bad", "good"]
+    assert (stats["failed"], stats["dropped"], stats["acked"]) == (1, 1, 1)
+    dropped = [r for r in caplog.records if "dropped after attempt 1" in r.getMessage()]
+    assert len(dropped) == 1 and dropped[0].levelname == "ERROR"
+    assert "not retryable: INVALID: malformed order" in dropped[0].getMessage()
+
+
 def test_early_ack_then_raise_is_not_redelivered(harness: Harness) -> None:
     sink = Sink()
 

@@ -2,10 +2,14 @@
 
 Roles:
   consume YAML OUTDIR   run the app's consumers; the handler's behaviour comes from
-                        $CONVEYOR_TEST_MODE (record | hang | crash | exclusive)
+                        $CONVEYOR_TEST_MODE (record | hang | crash | exclusive | gate)
   publish YAML QUEUE START COUNT
                         publish START..START+COUNT-1 one at a time, printing each number
                         only after publish returned (so the parent knows what was stored)
+
+$CONVEYOR_TEST_WALL_SKEW (seconds, may be negative) sets this process's wall clock
+wrong by that much: ``time.time`` and ``time.time_ns`` are shifted before conveyor
+is imported, as if the administrator, NTP or a container had set the clock.
 """
 
 from __future__ import annotations
@@ -18,8 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import conveyor
-from conveyor import queue
+SKEW = float(os.environ.get("CONVEYOR_TEST_WALL_SKEW", "0"))
+if SKEW:
+    _time, _time_ns = time.time, time.time_ns
+    time.time = lambda: _time() + SKEW
+    time.time_ns = lambda: _time_ns() + int(SKEW * 1e9)
+
+import conveyor  # noqa: E402  (after the clock is set)
+from conveyor import queue  # noqa: E402
 
 OUT = Path(os.environ.get("CONVEYOR_TEST_OUT", "."))
 MODE = os.environ.get("CONVEYOR_TEST_MODE", "record")
@@ -43,6 +53,15 @@ def handler(payload: Any) -> None:
     elif MODE == "crash":
         _append("started.txt", line)
         os.kill(os.getpid(), signal.SIGKILL)
+    elif MODE == "gate":
+        # The first message waits for the file "go" (the test freezes and resumes the
+        # process meanwhile); every message is recorded when its handler ends.
+        _append("started.txt", line)
+        if not (OUT / "gate-passed").exists():
+            while not (OUT / "go").exists():
+                time.sleep(0.01)
+            (OUT / "gate-passed").touch()
+        _append("handled.txt", line)
     elif MODE == "exclusive":
         # Each message may be held by one live consumer at a time: an O_EXCL marker
         # file proves it (a second holder fails to create it).

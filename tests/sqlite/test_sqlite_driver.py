@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sqlite3
 import subprocess
@@ -26,112 +25,18 @@ import pytest
 
 import conveyor
 from conveyor import errors, queue
+from conveyor.drivers.sqlite.leases import now as boot_clock
+from tests.sqlite.helpers import (
+    ROOT,
+    child,
+    integrity,
+    kill,
+    lines,
+    records,
+    stored_payloads,
+    write_app,
+)
 from tests.support.waiting import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_app(
-    tmp_path: Path,
-    *,
-    db: Path | None = None,
-    consumer: bool = True,
-    concurrency: int = 1,
-    dead_letter: bool = False,
-    lease: str = "30s",
-    poll: str = "100ms",
-    extra_driver: str = "",
-    retry: str = "{delay: 0}",
-) -> Path:
-    db = db or tmp_path / "queues.db"
-    dlq = "dead_letter: {queue: jobs_dlq, max_attempts: 2}" if dead_letter else ""
-    text = f"""
-    namespace: t
-    entries:
-      - name: store
-        kind: queue.driver.sqlite
-        path: {db}
-        poll_interval: {poll}
-        lease_duration: {lease}
-        busy_timeout: 200ms
-        {extra_driver}
-      - {{name: jobs, kind: queue.queue, driver: store, retry: {retry}, {dlq}}}
-      - {{name: jobs_dlq, kind: queue.queue, driver: store}}
-    """
-    if consumer:
-        text += f"""
-      - name: worker
-        kind: queue.consumer
-        queue: jobs
-        handler: "tests.sqlite.procs:handler"
-        concurrency: {concurrency}
-        prefetch: {max(concurrency, 4)}
-    """
-    path = tmp_path / "app.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def child(role: str, *args: str, out: Path, mode: str = "record") -> subprocess.Popen[str]:
-    env = {**os.environ, "CONVEYOR_TEST_OUT": str(out), "CONVEYOR_TEST_MODE": mode}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.sqlite.procs", role, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def records(path: Path) -> list[tuple[str, Any, int, int]]:
-    """The handler records a child wrote: (message id, payload, attempts, pid)."""
-    import json
-
-    out = []
-    for line in lines(path):
-        msg_id, payload, attempts, pid = line.split("\t")
-        out.append((msg_id, json.loads(payload), int(attempts), int(pid)))
-    return out
-
-
-def kill(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        kill(proc)
-        if proc.stdout:
-            proc.stdout.close()
-        if proc.stderr:
-            proc.stderr.close()
-
-
-def integrity(db: Path) -> str:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-
-
-def stored_payloads(db: Path, queue_name: str = "jobs", *, read_only_fs: bool = False) -> list[Any]:
-    import json
-
-    target = f"file:{db}?immutable=1" if read_only_fs else str(db)
-    with contextlib.closing(sqlite3.connect(target, uri=read_only_fs)) as conn:
-        rows = conn.execute(
-            "SELECT body FROM messages WHERE queue = ? ORDER BY seq", (queue_name,)
-        ).fetchall()
-    return [json.loads(body) for (body,) in rows]
-
 
 # -- durability -----------------------------------------------------------------------------
 
@@ -307,8 +212,9 @@ def test_expired_lease_of_a_stalled_holder_makes_the_message_available(tmp_path:
         # a holder on another host that stopped extending its lease a moment ago
         with contextlib.closing(sqlite3.connect(db)) as conn, conn:
             conn.execute(
-                "UPDATE messages SET lease_owner = 'elsewhere:1:1:1', lease_until = ?, attempts = 1",
-                (time.time() + 0.3,),
+                "UPDATE messages SET lease_owner = 'elsewhere:1:1:1', lease_token = 1, "
+                "lease_expires = ?, attempts = 1",
+                (boot_clock() + 0.3,),
             )
         info = queue.info("t:jobs")
         assert (info["in_flight"], info["ready"]) == (1, 0)

@@ -38,7 +38,7 @@ from conveyor import errors
 from conveyor.drivers.amqp._errors import describe
 from conveyor.drivers.options.amqp import AmqpOptions, AmqpTls
 
-__all__ = ["Link", "LinkListener", "backoff_delays", "connection_url", "ssl_context"]
+__all__ = ["Link", "LinkListener", "backoff_delays", "connect_error", "connection_url", "ssl_context"]
 
 log = logging.getLogger("conveyor.drivers.amqp")
 
@@ -257,17 +257,18 @@ class Link:
             self._listeners.remove(listener)
 
     async def open(self) -> None:
-        """Connect (once, no retries). Raises INTERNAL (retryable) when the broker is unreachable."""
+        """Connect (once, no retries).
+
+        Raises INTERNAL (retryable) when the broker is unreachable, and a
+        non-retryable error when the broker or TLS definitely refused this client
+        (see :func:`connect_error`): trying again unchanged cannot help.
+        """
         try:
             await self._connect()
         except errors.Error:
             raise
         except Exception as exc:
-            raise errors.internal(
-                f"cannot connect to the AMQP broker at {self._safe_url}: {describe(exc)}",
-                url=self._safe_url,
-                retryable=True,
-            ) from None
+            raise connect_error(exc, self._safe_url) from None
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"conveyor-amqp-link:{self._name}"
         )
@@ -379,6 +380,31 @@ class Link:
                 continue
             log.info("reconnected to %s after %d attempt(s)", self._safe_url, attempt)
             return
+
+
+# The broker's TLS alerts that mean "your certificate is refused" (not a network failure).
+_REFUSED_CERTIFICATE = ("TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED")
+
+
+def connect_error(exc: BaseException, safe_url: str) -> errors.Error:
+    """The error for a failed first connection.
+
+    A refused login (``ACCESS_REFUSED``, an authentication mechanism the broker does
+    not offer) is PERMISSION_DENIED, a broker certificate that does not verify or a
+    client certificate the broker refuses is INTERNAL; neither is retryable, so an app
+    does not keep trying a wrong password. Anything else (refused or reset
+    connections, timeouts) is INTERNAL and retryable: the broker may be starting.
+    """
+    text = f"cannot connect to the AMQP broker at {safe_url}: {describe(exc)}"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError):
+        # ProbableAuthenticationError is aiormq's name for the broker's connection.close 403.
+        return errors.permission_denied(text, url=safe_url, reason="auth")
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return errors.internal(text, url=safe_url, reason="tls", retryable=False)
+    if isinstance(cause, ssl.SSLError) and any(alert in str(cause) for alert in _REFUSED_CERTIFICATE):
+        return errors.internal(text, url=safe_url, reason="tls", retryable=False)
+    return errors.internal(text, url=safe_url, retryable=True)
 
 
 def _close_reason(conn: aiormq.Connection) -> str:

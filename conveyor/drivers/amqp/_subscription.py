@@ -249,13 +249,16 @@ class AmqpSubscription(Subscription):
         redelivered = bool(deliver.redelivered)
         if not props.message_id:  # a foreign publisher's message: republished copies need an id
             props.message_id = f"amqp-{uuid.uuid4().hex}"
+        # Unsettled from now on: registered before any await, so _open_tags stays in
+        # ascending tag order (deliveries start in order; a copy that waits for its
+        # original below must not be covered by a multiple-ack meanwhile).
+        self._open_tags[tag] = None
         hold = self._held.get(props.message_id)
         if hold is not None:
             await hold.wait()  # our own republished copy, early: let the original be acked first
             if channel is not self._channel:
-                return
+                return  # that channel's tags were forgotten when it was dropped
         lease = _Lease(self, channel, tag, props)
-        self._open_tags[tag] = None
         if redelivered and not has_delivery_count(props) and await self._checkpoint(lease, message.body):
             return
         delivery = Delivery(
@@ -286,8 +289,14 @@ class AmqpSubscription(Subscription):
             try:
                 await self._driver.publish_raw(self._queue, body, copy)
             except errors.Error as exc:
+                # Handed out all the same: counted, but not recorded, so a crash in its
+                # handler would not raise the count again. (A lost channel never gets
+                # here: closing a channel cancels aiormq's delivery callbacks.)
                 log.warning(
-                    "could not record the redelivery of a message on %s: %s", self._queue.id, exc.message
+                    "could not record the redelivery of message %s on %s: %s",
+                    props.message_id,
+                    self._queue.id,
+                    exc.message,
                 )
                 return False
             lease.settled = True

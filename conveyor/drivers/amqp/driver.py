@@ -21,10 +21,10 @@ from aiormq.abc import AbstractChannel
 from pamqp import commands as spec
 
 from conveyor import errors
-from conveyor.drivers.amqp._errors import describe, publish_error
+from conveyor.drivers.amqp._errors import describe, not_stored_error, publish_error, refusal_of, too_large
 from conveyor.drivers.amqp._headers import encode_headers, republished
 from conveyor.drivers.amqp._link import Link
-from conveyor.drivers.amqp._pipeline import Pipeline
+from conveyor.drivers.amqp._pipeline import Pipeline, Sent
 from conveyor.drivers.amqp._pipeline import supported as pipeline_supported
 from conveyor.drivers.amqp._subscription import AmqpSubscription
 from conveyor.drivers.amqp._topology import (
@@ -75,6 +75,9 @@ class AmqpDriver(Driver):
         self._publisher: Pipeline | None = None
         self._rpc_channel: AbstractChannel | None = None
         self._channel_lock = asyncio.Lock()
+        # The broker's max_message_size, once a refusal named it; forgotten on reconnect
+        # (the broker may have restarted with another limit).
+        self._broker_max_size: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class AmqpDriver(Driver):
 
     def link_down(self) -> None:
         self._publish_channel = self._rpc_channel = None
+        self._broker_max_size = None
         self._delay_fresh = {}  # re-declare delay queues before the next use (they may be gone)
 
     async def link_up(self) -> None:
@@ -221,8 +225,12 @@ class AmqpDriver(Driver):
     async def publish(self, queue: QueueSpec, batch: list[Outgoing]) -> None:
         """Publish ``batch`` persistently; return once the broker confirmed every message.
 
-        On failure: INTERNAL (retryable) with ``details["stored"]`` = the indexes the
-        broker did confirm (publishes are not atomic on AMQP).
+        On failure: ``details["stored"]`` = the indexes the broker did confirm
+        (publishes are not atomic on AMQP) and ``details["not_stored"]`` those it
+        definitely did not store. A message the broker refused for what it is (over
+        its ``max_message_size``, a foreign ``amqp.user_id``, access refused) raises
+        INVALID or PERMISSION_DENIED, not retryable; everything else INTERNAL,
+        retryable (see :meth:`_send`).
         """
         decl = self._declaration(queue)
         encoded = [encode_headers(out.headers, out.id) for out in batch]  # INVALID before sending
@@ -252,31 +260,101 @@ class AmqpDriver(Driver):
     ) -> None:
         """Persistent publishes that return once each is confirmed; bounded by the link timeout.
 
-        Raises INTERNAL (retryable) whose ``details["stored"]`` lists the indexes of
-        ``messages`` the broker confirmed before the failure.
+        Raises ``errors.Error`` whose details say what became of each of ``messages``:
+        ``stored`` lists the indexes the broker confirmed, ``not_stored`` those it
+        definitely did not store (returned, nacked, refused, or dropped with a channel
+        the broker closed because of another message); the outcome of the rest is
+        unknown (a timeout, a lost connection).
         """
-        confirms: list[asyncio.Future[Any]] = []
+        self._check_size(queue, messages)
+        sent: list[Sent] = []
+        pipeline: Pipeline | None = None
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self.link.timeout):
                 pipeline = await self._pipeline()
                 for body, props, mandatory in messages:
-                    confirms.append(pipeline.publish(routing_key, body, props, mandatory))
-                await asyncio.wait(confirms)  # every outcome, not just the first failure
+                    sent.append(pipeline.publish(routing_key, body, props, mandatory))
+                await asyncio.wait([one.future for one in sent])  # every outcome, not just the first failure
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-            _cancel(confirms)
+            _cancel(sent)
             raise
         except BaseException as exc:
-            _cancel(confirms)
-            stored = [i for i, fut in enumerate(confirms) if _confirmed(fut)]
-            if isinstance(exc, errors.Error):
-                raise _with_stored(exc, stored) from None
-            if isinstance(exc, TimeoutError) and not self.link.is_up:
-                raise _with_stored(self.link.unreachable(), stored) from None
-            raise publish_error(exc, queue.id, full=full, stored=stored, total=len(messages)) from None
-        failure = _first_failure(confirms)
+            _cancel(sent)
+            failure = exc
+        if failure is None and all(one.confirmed for one in sent):
+            return
+        raise self._send_error(queue, len(messages), sent, pipeline, failure, full=full) from None
+
+    def _send_error(
+        self,
+        queue: QueueSpec,
+        total: int,
+        sent: list[Sent],
+        pipeline: Pipeline | None,
+        failure: BaseException | None,
+        *,
+        full: bool,
+    ) -> errors.Error:
+        """The one error for a :meth:`_send` that did not have every message confirmed."""
+        outcomes = [_outcome(one) for one in sent]
+        refusal = next((r for r in map(refusal_of, outcomes) if r is not None), None)
+        culprit = None
+        if refusal is not None and pipeline is not None:
+            culprit = pipeline.culprit(lambda one: refusal.applies_to(one.size, one.user_id))
+        if refusal is not None and refusal.limit is not None and culprit is not None:
+            self._broker_max_size = refusal.limit  # refuse such messages here from now on
+        stored = [i for i, one in enumerate(sent) if one.confirmed]
+        not_stored = list(range(len(sent), total))  # never handed to the channel
+        refused: int | None = None
+        for i, (one, exc) in enumerate(zip(sent, outcomes, strict=True)):
+            if isinstance(exc, amqp_exc.PublishError | amqp_exc.DeliveryError):
+                not_stored.append(i)
+            elif refusal is not None and culprit is not None and one.tag >= culprit and refusal_of(exc):
+                not_stored.append(i)  # the broker drops every publish after the refused one
+                if refused is None and refusal.applies_to(one.size, one.user_id):
+                    refused = i
+        details: dict[str, Any] = {"stored": stored, "not_stored": sorted(not_stored), "total": total}
+        if refusal is not None and refused is not None:
+            return refusal.error(queue.id, sent[refused].size, index=refused, **details)
         if failure is not None:
-            stored = [i for i, fut in enumerate(confirms) if _confirmed(fut)]
-            raise publish_error(failure, queue.id, full=full, stored=stored, total=len(messages))
+            if isinstance(failure, errors.Error):
+                return _with_details(failure, details)
+            if isinstance(failure, TimeoutError) and not self.link.is_up:
+                return _with_details(self.link.unreachable(), details)
+            return publish_error(failure, queue.id, full=full, **details)
+        found = next(((i, exc) for i, exc in enumerate(outcomes) if exc is not None), None)
+        if found is None:  # cancelled by the client library: nothing says how far it got
+            return publish_error(
+                amqp_exc.ChannelInvalidStateError("cancelled"), queue.id, full=full, **details
+            )
+        first, exc = found
+        if refusal is not None and first in not_stored and refusal_of(exc):
+            return not_stored_error(refusal, queue.id, **details)
+        return publish_error(exc, queue.id, full=full, **details)
+
+    def _check_size(self, queue: QueueSpec, messages: list[_Message]) -> None:
+        """INVALID before sending anything when a body is over the broker's known limit.
+
+        The limit is learned from the broker's own refusal: sending such a message
+        again would only make the broker close the shared publishing channel again,
+        failing the other publishes on it.
+        """
+        limit = self._broker_max_size
+        if limit is None:
+            return
+        for i, (body, _props, _mandatory) in enumerate(messages):
+            if len(body) > limit:
+                raise too_large(
+                    queue.id,
+                    len(body),
+                    limit,
+                    sent=False,
+                    index=i,
+                    stored=[],
+                    not_stored=list(range(len(messages))),
+                    total=len(messages),
+                )
 
     async def _pipeline(self) -> Pipeline:
         channel = await self._channel(confirms=True)
@@ -359,26 +437,22 @@ def _reply_text(exc: BaseException | None) -> str:
 _Message = tuple[bytes, spec.Basic.Properties, bool]  # body, properties, mandatory
 
 
-def _confirmed(fut: asyncio.Future[Any]) -> bool:
-    return fut.done() and not fut.cancelled() and fut.exception() is None
+def _outcome(one: Sent) -> BaseException | None:
+    """Why ``one`` was not confirmed (None: confirmed, or no answer before we stopped waiting)."""
+    fut = one.future
+    if not fut.done() or fut.cancelled():
+        return None
+    return fut.exception()
 
 
-def _first_failure(confirms: list[asyncio.Future[Any]]) -> BaseException | None:
-    for fut in confirms:
-        if fut.done() and not fut.cancelled() and fut.exception() is not None:
-            return fut.exception()
-    return None
-
-
-def _cancel(confirms: list[asyncio.Future[Any]]) -> None:
+def _cancel(sent: list[Sent]) -> None:
     # A confirm that arrives later finds its future cancelled and is dropped by aiormq.
-    for fut in confirms:
-        if not fut.done():
-            fut.cancel()
+    for one in sent:
+        if not one.future.done():
+            one.future.cancel()
 
 
-def _with_stored(exc: errors.Error, stored: list[int]) -> errors.Error:
+def _with_details(exc: errors.Error, details: dict[str, Any]) -> errors.Error:
     if "stored" in exc.details:
         return exc
-    details = {**exc.details, "stored": stored}
-    return errors.Error(exc.kind, exc.message, retryable=exc.retryable, details=details)
+    return errors.Error(exc.kind, exc.message, retryable=exc.retryable, details={**exc.details, **details})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.drivers.options import MIB, message_size_option
 from conveyor.registry.convert import boolean, choice, duration, integer, string
 from conveyor.registry.options import DriverSchema, Options, PathKind, option
 
@@ -54,6 +55,9 @@ class AmqpOptions(Options):
     frame_size: int | None = option(integer(0), None)
     channel_max: int | None = option(integer(0, 65535), None)
     tls: AmqpTls | None = option(AmqpTls, None)
+    # RabbitMQ 4's default limit (3.8-3.13: 128 MiB); raise it up to the broker's own
+    # max_message_size, itself at most 512 MiB.
+    max_message_size: int = message_size_option(maximum=512 * MIB)
 
     def problems(self) -> list[tuple[str, str]]:
         if self.reconnect_max_delay < self.reconnect_delay:

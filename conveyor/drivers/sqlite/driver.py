@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import sqlite3
 import time
@@ -18,8 +19,9 @@ from typing import Any
 from conveyor import errors
 from conveyor.drivers.base import Capabilities, Driver, Outgoing, Subscription
 from conveyor.drivers.options.sqlite import SCHEMA
-from conveyor.drivers.sqlite.rows import INSERT, check_room, pack
-from conveyor.drivers.sqlite.store import Database, owner_alive, owner_id
+from conveyor.drivers.sqlite import leases
+from conveyor.drivers.sqlite.rows import INSERT, check_room, encode
+from conveyor.drivers.sqlite.store import Database
 from conveyor.drivers.sqlite.subscription import SqliteSubscription
 from conveyor.registry.model import DriverSpec, QueueSpec
 from conveyor.registry.options import Options
@@ -46,7 +48,8 @@ class SqliteDriver(Driver):
         self.path = options.path
         self.poll_interval = options.poll_interval
         self.lease_duration = options.lease_duration
-        self.owner = owner_id()
+        self.owner = leases.owner_id()
+        self._tokens = itertools.count(1)  # lease tokens: unique per lease of this holder
         self.db = Database(self.path, synchronous=options.synchronous, busy_timeout=options.busy_timeout)
         self._subscriptions: dict[str, set[SqliteSubscription]] = {}
         self._maintenance: asyncio.Task[None] | None = None
@@ -75,11 +78,13 @@ class SqliteDriver(Driver):
     # -- publishing ------------------------------------------------------------------
 
     async def publish(self, queue: QueueSpec, batch: list[Outgoing]) -> None:
+        name = queue.queue_name
+        encoded = [encode(m) for m in batch]  # INVALID here, before anything is written
+
         def insert(conn: sqlite3.Connection) -> None:
-            check_room(conn, queue, len(batch))
-            now = time.time()
-            rows = [(queue.queue_name, m.id, m.body, pack(m.headers), now, now) for m in batch]
-            conn.executemany(INSERT, rows)
+            check_room(conn, queue, len(encoded))
+            now, wall = leases.now(), time.time()
+            conn.executemany(INSERT, [(name, *message, now, wall) for message in encoded])
 
         await self.db.submit(insert)
         self.notify(queue.queue_name)
@@ -100,6 +105,9 @@ class SqliteDriver(Driver):
         sub.start()
         return sub
 
+    def next_token(self) -> int:
+        return next(self._tokens)
+
     def forget(self, sub: SqliteSubscription) -> None:
         """``sub`` closed: it gets no more wake-ups."""
         self._subscriptions.get(sub.queue.queue_name, set()).discard(sub)
@@ -109,18 +117,18 @@ class SqliteDriver(Driver):
         heartbeat_window = self.lease_duration
 
         def counts(conn: sqlite3.Connection) -> dict[str, Any]:
-            now = time.time()
+            now = leases.now()
             row = conn.execute(
                 "SELECT COUNT(*), "
-                "COALESCE(SUM(lease_owner IS NULL AND available_at <= ?), 0), "
-                "COALESCE(SUM(lease_owner IS NULL AND available_at > ?), 0), "
-                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_until >= ?), 0), "
-                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_until < ?), 0) "
+                "COALESCE(SUM(lease_owner IS NULL AND ready_at <= ?), 0), "
+                "COALESCE(SUM(lease_owner IS NULL AND ready_at > ?), 0), "
+                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_expires >= ?), 0), "
+                "COALESCE(SUM(lease_owner IS NOT NULL AND lease_expires < ?), 0) "
                 "FROM messages WHERE queue = ?",
                 (now, now, now, now, name),
             ).fetchone()
             (consumers,) = conn.execute(
-                "SELECT COUNT(*) FROM consumers WHERE queue = ? AND heartbeat >= ?",
+                "SELECT COUNT(*) FROM consumers WHERE queue = ? AND seen_at >= ?",
                 (name, now - heartbeat_window),
             ).fetchone()
             total, ready, delayed, leased, expired = row
@@ -144,22 +152,32 @@ class SqliteDriver(Driver):
             await asyncio.sleep(interval)
             try:
                 if any(self._subscriptions.values()):
-                    await self.db.submit(self._extend)
+                    expires, held = await self.db.submit(self._extend)
+                    for subs in self._subscriptions.values():
+                        for sub in subs:
+                            sub.renewed(expires, held)
                 await self.db.submit(self._reclaim)
             except errors.Error as exc:
                 log.error("SQLite lease maintenance on %s failed: %s", self.path, exc)
 
-    def _extend(self, conn: sqlite3.Connection) -> None:
-        now = time.time()
-        conn.execute(
-            "UPDATE messages SET lease_until = ? WHERE lease_owner = ?",
-            (now + self.lease_duration, self.owner),
-        )
-        conn.execute("UPDATE consumers SET heartbeat = ? WHERE owner = ?", (now, self.owner))
+    def _extend(self, conn: sqlite3.Connection) -> tuple[float, set[tuple[int, int]]]:
+        """Extend every lease this holder still has; answer which ones (row, token)."""
+        now = leases.now()
+        expires = now + self.lease_duration
+        held = conn.execute(
+            "UPDATE messages SET lease_expires = ? WHERE lease_owner = ? RETURNING seq, lease_token",
+            (expires, self.owner),
+        ).fetchall()
+        conn.execute("UPDATE consumers SET seen_at = ? WHERE owner = ?", (now, self.owner))
+        return expires, {(seq, token) for seq, token in held}
 
     def _reclaim(self, conn: sqlite3.Connection) -> int:
-        """Free leases of dead processes and expired leases; drop dead consumers' rows."""
-        now = time.time()
+        """Free leases of dead processes and expired leases; drop dead consumers' rows.
+
+        A live holder's leases are never expired by the holder itself: its own
+        ``_extend`` renews them first.
+        """
+        now = leases.now()
         owners = [
             row[0]
             for row in conn.execute(
@@ -167,21 +185,23 @@ class SqliteDriver(Driver):
                 "UNION SELECT DISTINCT owner FROM consumers"
             )
         ]
-        dead = [o for o in owners if o != self.owner and not owner_alive(o)]
+        dead = [o for o in owners if o != self.owner and not leases.owner_alive(o)]
         freed = 0
         for owner in dead:
             cursor = conn.execute(
-                "UPDATE messages SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,)
+                "UPDATE messages SET lease_owner = NULL, lease_token = NULL, lease_expires = NULL "
+                "WHERE lease_owner = ?",
+                (owner,),
             )
             freed += cursor.rowcount
             conn.execute("DELETE FROM consumers WHERE owner = ?", (owner,))
         cursor = conn.execute(
-            "UPDATE messages SET lease_owner = NULL, lease_until = NULL "
-            "WHERE lease_owner IS NOT NULL AND lease_until < ?",
-            (now,),
+            "UPDATE messages SET lease_owner = NULL, lease_token = NULL, lease_expires = NULL "
+            "WHERE lease_owner IS NOT NULL AND lease_owner != ? AND lease_expires < ?",
+            (self.owner, now),
         )
         freed += cursor.rowcount
-        conn.execute("DELETE FROM consumers WHERE heartbeat < ?", (now - 10 * self.lease_duration,))
+        conn.execute("DELETE FROM consumers WHERE seen_at < ?", (now - 10 * self.lease_duration,))
         if freed:
             log.warning("reclaimed %d message lease(s) of dead or stalled consumers in %s", freed, self.path)
             for subs in self._subscriptions.values():

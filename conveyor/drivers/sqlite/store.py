@@ -8,17 +8,20 @@ only after the commit that holds its own change.
 
 Read-only jobs (``info``, the idle probe) run outside the write transaction.
 ``SQLITE_BUSY`` from other processes is waited out (``busy_timeout``) and retried;
-it never reaches a caller as "database is locked".
+it never reaches a caller as "database is locked". Each job runs in a savepoint, so
+one that fails is rolled back alone and the others of its transaction commit.
+
+Opening the file creates the schema, upgrades a file of schema 1, or, when the file's
+times belong to an earlier boot, rebases them (see ``leases``): one transaction,
+done by whichever process opens the file first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import logging
 import queue
-import random
-import socket
 import sqlite3
 import threading
 import time
@@ -27,78 +30,58 @@ from pathlib import Path
 from typing import Any
 
 from conveyor import errors
+from conveyor.drivers.sqlite import leases
 
-__all__ = ["Database", "Job", "owner_alive", "owner_id", "translate"]
+__all__ = ["SCHEMA_VERSION", "Database", "Job", "translate"]
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("conveyor.sqlite")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conveyor_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
-    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue        TEXT    NOT NULL,
-    id           TEXT    NOT NULL,
-    body         BLOB    NOT NULL,
-    headers      BLOB    NOT NULL,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    available_at REAL    NOT NULL,
-    lease_owner  TEXT,
-    lease_until  REAL,
-    created_at   REAL    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_ready
-    ON messages (queue, available_at, seq) WHERE lease_owner IS NULL;
-CREATE INDEX IF NOT EXISTS messages_leased
-    ON messages (lease_owner, lease_until) WHERE lease_owner IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_queue ON messages (queue);
-CREATE TABLE IF NOT EXISTS consumers (
-    id        TEXT PRIMARY KEY,
-    queue     TEXT NOT NULL,
-    owner     TEXT NOT NULL,
-    heartbeat REAL NOT NULL
-);
-"""
+SCHEMA_VERSION = 2
+
+# Times: ready_at, lease_expires and seen_at are seconds on the boot clock of the boot
+# named by conveyor_meta's clock_boot (see leases.py); created_at is Unix time, for
+# people reading the file, and schedules nothing.
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS conveyor_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS messages (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue         TEXT    NOT NULL,
+        id            TEXT    NOT NULL,
+        body          BLOB    NOT NULL,
+        headers       BLOB    NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        ready_at      REAL    NOT NULL,
+        lease_owner   TEXT,
+        lease_expires REAL,
+        created_at    REAL    NOT NULL,
+        lease_token   INTEGER
+    )""",
+    "CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, ready_at, seq) WHERE lease_owner IS NULL",
+    "CREATE INDEX IF NOT EXISTS messages_leased "
+    "ON messages (lease_owner, lease_expires) WHERE lease_owner IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS messages_queue ON messages (queue)",
+    """CREATE TABLE IF NOT EXISTS consumers (
+        id      TEXT PRIMARY KEY,
+        queue   TEXT NOT NULL,
+        owner   TEXT NOT NULL,
+        seen_at REAL NOT NULL
+    )""",
+)
+
+# Schema 1 stored Unix times in available_at, lease_until and heartbeat. Schema 2 renames
+# them as it moves them onto the boot clock: a process of the older version still
+# writing to the file then fails loudly ("no such column") instead of writing times
+# from the wrong clock.
+_FROM_1 = (
+    "ALTER TABLE messages RENAME COLUMN available_at TO ready_at",
+    "ALTER TABLE messages RENAME COLUMN lease_until TO lease_expires",
+    "ALTER TABLE messages ADD COLUMN lease_token INTEGER",
+    "ALTER TABLE consumers RENAME COLUMN heartbeat TO seen_at",
+)
 
 # How long a write transaction may wait for other processes before the job fails.
 BUSY_DEADLINE = 60.0
 _MAX_BATCH = 512
-
-
-# -- owners: which process holds a lease ---------------------------------------------------
-
-
-def _start_time(pid: int) -> str:
-    """The kernel's start time of ``pid`` (tells a live process from a reused PID)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()
-    except (OSError, IndexError):
-        return "?"
-
-
-def owner_id() -> str:
-    """``host:pid:start:random``: unique per driver instance, checkable for liveness."""
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}:{random.getrandbits(32):08x}"
-
-
-def owner_alive(owner: str) -> bool:
-    """False only when ``owner`` is provably dead: same host, and its PID is gone or reused."""
-    try:
-        host, pid_text, start, _ = owner.rsplit(":", 3)
-        pid = int(pid_text)
-    except ValueError:
-        return True  # not ours to judge: wait for the lease to expire
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return start == "?" or _start_time(pid) == start
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -144,6 +127,17 @@ def translate(exc: sqlite3.Error, path: str) -> errors.Error:
             retryable=True,
         )
     return errors.internal(f"SQLite error on {path}: {text}", path=path, retryable=True)
+
+
+# Errors of one statement, not of the transaction: the job that ran it fails alone.
+_JOB_LOCAL = (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError)
+
+
+def _refused(exc: sqlite3.Error, path: str) -> errors.Error:
+    """A statement SQLite refused for the values it was given (never retryable)."""
+    if isinstance(exc, sqlite3.DataError):  # SQLITE_TOOBIG: past SQLite's length limit
+        return errors.invalid(f"too big for SQLite file {path}: {exc}; nothing was stored", path=path)
+    return errors.internal(f"SQLite refused a statement on {path}: {exc}", retryable=False, path=path)
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
@@ -245,10 +239,13 @@ class Database:
             self._check(conn)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            self._with_retry(conn, lambda c: c.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;"))
-            self._init_meta(conn)
+            self._with_retry(conn, self._prepare)
         except sqlite3.Error as exc:
+            conn.close()
             raise translate(exc, self.path) from None
+        except errors.Error:
+            conn.close()
+            raise
         return conn
 
     def _check(self, conn: sqlite3.Connection) -> None:
@@ -263,17 +260,81 @@ class Database:
                 reason="corrupt",
             )
 
-    def _init_meta(self, conn: sqlite3.Connection) -> None:
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Create, migrate or rebase the schema: one transaction, whoever comes first."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = _meta(conn, "schema_version")
+            if version is None:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+                _set_meta(conn, "clock_boot", leases.boot_id())
+            elif version == "1":
+                self._migrate_from_1(conn)
+            elif version == str(SCHEMA_VERSION):
+                if _meta(conn, "clock_boot") != leases.boot_id():
+                    self._rebase(conn)
+            else:
+                raise errors.internal(
+                    f"SQLite file {self.path} has schema version {version}; this conveyor knows "
+                    f"{SCHEMA_VERSION} (a newer conveyor wrote it)",
+                    retryable=False,
+                    path=self.path,
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _migrate_from_1(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2: rename the time columns and move their Unix times onto the boot clock.
+
+        What was due in N seconds by the wall clock is due in N seconds by the boot
+        clock; a lease keeps what it had left (its holder, if still alive, renews it
+        or loses it).
+        """
+        shift = leases.now() - time.time()
+        for statement in _FROM_1:
+            conn.execute(statement)
         conn.execute(
-            "INSERT OR IGNORE INTO conveyor_meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
+            "UPDATE messages SET ready_at = ready_at + ?, lease_expires = lease_expires + ?", (shift, shift)
         )
-        (version,) = conn.execute("SELECT value FROM conveyor_meta WHERE key = 'schema_version'").fetchone()
-        if int(version) != SCHEMA_VERSION:
-            raise errors.internal(
-                f"SQLite file {self.path} has schema version {version}; this conveyor knows {SCHEMA_VERSION}",
-                retryable=False,
-            )
+        conn.execute("UPDATE consumers SET seen_at = seen_at + ?", (shift,))
+        _set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+        _set_meta(conn, "clock_boot", leases.boot_id())
+        (count,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+        log.warning(
+            "SQLite file %s upgraded from schema 1 to %d (%d message(s) kept)",
+            self.path,
+            SCHEMA_VERSION,
+            count,
+        )
+
+    def _rebase(self, conn: sqlite3.Connection) -> None:
+        """The file's times belong to an earlier boot: its clock started again at zero.
+
+        Every lease holder died with that boot, so every lease is cleared (the attempt
+        stays counted, as for any holder that died). Retry delays end: the boot clock
+        cannot say how long the machine was down, and the wall clock is not trusted,
+        so every waiting message is ready now, in the order it had.
+        """
+        now = leases.now()
+        freed = conn.execute(
+            "UPDATE messages SET lease_owner = NULL, lease_token = NULL, lease_expires = NULL "
+            "WHERE lease_owner IS NOT NULL"
+        ).rowcount
+        (latest,) = conn.execute("SELECT MAX(ready_at) FROM messages").fetchone()
+        if latest is not None:
+            conn.execute("UPDATE messages SET ready_at = ready_at - ? + ?", (latest, now))
+        conn.execute("DELETE FROM consumers")
+        _set_meta(conn, "clock_boot", leases.boot_id())
+        log.warning(
+            "SQLite file %s was last used before this machine booted: %d lease(s) of processes "
+            "that are gone cleared, retry delays ended",
+            self.path,
+            freed,
+        )
 
     def _with_retry(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         deadline = time.monotonic() + BUSY_DEADLINE
@@ -324,15 +385,18 @@ class Database:
     def _write(
         self, conn: sqlite3.Connection, jobs: list[Job]
     ) -> list[tuple[asyncio.Future[Any], bool, Any]]:
-        """Run every job in one transaction; a job that refuses (errors.Error) wrote nothing."""
+        """Run every job in one transaction; a job that fails wrote nothing.
+
+        Each job runs in its own savepoint: one that refuses (``errors.Error``), is
+        handed a value SQLite will not take, or has a bug is rolled back alone and
+        answered alone, and the others commit. Only a failure of the transaction itself
+        (busy past the deadline, disk full, I/O, corruption) fails them all.
+        """
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
             self._with_retry(conn, lambda c: c.execute("BEGIN IMMEDIATE"))
             for job in jobs:
-                try:
-                    outcomes.append((job.future, True, job.fn(conn)))
-                except errors.Error as exc:
-                    outcomes.append((job.future, False, exc))
+                outcomes.append(self._job(conn, job))
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -345,10 +409,43 @@ class Database:
             return [(job.future, False, failure) for job in jobs]
         return outcomes
 
+    def _job(self, conn: sqlite3.Connection, job: Job) -> tuple[asyncio.Future[Any], bool, Any]:
+        conn.execute("SAVEPOINT job")
+        try:
+            value = job.fn(conn)
+        except errors.Error as exc:
+            failure = exc
+        except _JOB_LOCAL as exc:  # this job's statement was refused; the transaction is fine
+            failure = _refused(exc, self.path)
+        except sqlite3.Error:
+            raise  # the transaction failed: every job of it fails
+        except Exception as exc:  # a bug in a job: answer it, keep the others
+            failure = errors.internal(f"unexpected error in the SQLite driver: {exc!r}", retryable=False)
+        else:
+            conn.execute("RELEASE job")
+            return (job.future, True, value)
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return (job.future, False, failure)
+
     def _reply(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
             self._loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> str | None:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'conveyor_meta'"
+    ).fetchone()
+    if exists is None:
+        return None
+    row = conn.execute("SELECT value FROM conveyor_meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO conveyor_meta (key, value) VALUES (?, ?)", (key, value))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

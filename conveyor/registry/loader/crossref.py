@@ -2,7 +2,8 @@
 
 References are checked against the declared IDs and kinds, ``method:`` is resolved
 to a function entry where one exists, security groups must be some policy's,
-``depends_on`` must not loop, and legal but risky configuration becomes warnings.
+``depends_on`` must not loop, queue entries that share one physical queue must say
+so (``alias_of``), and legal but risky configuration becomes warnings.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def build(load: Load) -> Registry:
     )
     _check_cycles(registry.consumers, load)
     _check_security_groups(registry, load)
+    _check_shared_queues(registry.queues, load)
     return dataclasses.replace(registry, warnings=_warnings(registry))
 
 
@@ -94,6 +96,68 @@ def _check_security_groups(registry: Registry, load: Load) -> None:
                     ("security", "groups", index),
                     f"unknown policy group {group!r}: no security.policy entry lists it in groups",
                 )
+
+
+def _physical(queue: QueueSpec) -> tuple[str, str]:
+    """What names a physical queue: the driver entry and the queue's name on it."""
+    return (queue.driver, queue.queue_name)
+
+
+def _check_shared_queues(queues: Mapping[str, QueueSpec], load: Load) -> None:
+    """Entries that share one physical queue are aliases on purpose, or a problem.
+
+    Policies match queue IDs, so a second ID for one queue would let a deny written
+    for the first be bypassed; the policy engine judges every ID of a physical queue
+    together, and the load makes sure every such ID was meant (``alias_of``).
+    """
+    owners: dict[tuple[str, str], str] = {}
+    for queue in queues.values():
+        if queue.alias_of is None:
+            owner = owners.setdefault(_physical(queue), queue.id)
+            if owner != queue.id:
+                _report(
+                    load,
+                    queue.id,
+                    ("queue_name",),
+                    f"queue_name {queue.queue_name!r} on driver {queue.driver} is also used by {owner}: "
+                    "two entries would share one physical queue, and a policy written for one ID would "
+                    f"not be applied to the other. If both IDs are meant to reach one queue, write "
+                    f"alias_of: {owner} on this entry",
+                )
+    for queue in queues.values():
+        target = queues.get(queue.alias_of) if queue.alias_of is not None else None
+        if target is None:
+            continue  # no alias, or a dangling reference (reported already)
+        if target.alias_of is not None:
+            message = (
+                f"alias_of {target.id}: that entry is itself an alias; name the queue it aliases "
+                f"(alias_of: {target.alias_of})"
+            )
+        elif _physical(target) != _physical(queue):
+            message = (
+                f"alias_of {target.id}: an alias uses the same driver and queue_name as the queue it "
+                f"aliases ({target.id} is queue_name {target.queue_name!r} on driver {target.driver}; "
+                f"this entry is queue_name {queue.queue_name!r} on driver {queue.driver})"
+            )
+        else:
+            continue
+        _report(load, queue.id, ("alias_of",), message)
+    for queue in queues.values():
+        dead = queues.get(queue.dead_letter.queue) if queue.dead_letter is not None else None
+        if dead is not None and dead.id != queue.id and _physical(dead) == _physical(queue):
+            _report(
+                load,
+                queue.id,
+                ("dead_letter", "queue"),
+                f"dead-letter queue {dead.id} is the same physical queue as this one (an alias): "
+                "a dead-lettered message would come straight back",
+            )
+
+
+def _report(load: Load, entry_id: str, path: tuple[str, ...], message: str) -> None:
+    scope = load.scopes.get(entry_id)
+    if scope is not None:
+        scope.report(path, message)
 
 
 def _check_cycles(consumers: Mapping[str, ConsumerSpec], load: Load) -> None:
@@ -132,13 +196,12 @@ def _warnings(registry: Registry) -> tuple[str, ...]:
                 f"{consumer.origin}: prefetch {consumer.prefetch} < concurrency {consumer.concurrency}: "
                 "workers will idle"
             )
-    shared: dict[tuple[str, str], str] = {}
     for queue in registry.queues.values():
-        other = shared.setdefault((queue.driver, queue.queue_name), queue.id)
-        if other != queue.id:
+        target = registry.queues.get(queue.alias_of) if queue.alias_of is not None else None
+        if target is not None and target.codec != queue.codec:
             found.append(
-                f"{queue.origin}: queue_name {queue.queue_name!r} on driver {queue.driver} is also used by "
-                f"{other}: both entries share one physical queue"
+                f"{queue.origin}: alias of {target.id} with codec {queue.codec}, not {target.codec}: "
+                "consumers of one ID may not decode messages published through the other"
             )
         if 0 < queue.retry.max_delay < queue.retry.delay:
             found.append(

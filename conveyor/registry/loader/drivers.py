@@ -12,11 +12,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from conveyor.drivers.kinds import kinds, schema
+from conveyor.registry.convert import choice, duration
 from conveyor.registry.loader.fields import Fields
 from conveyor.registry.model import DriverSpec
 from conveyor.registry.options import Options, read_options
 
-__all__ = ["consumer_bags", "driver_parsers", "queue_bags"]
+__all__ = ["STARTUP_TIMEOUT", "consumer_bags", "driver_parsers", "queue_bags", "startup_fields"]
+
+STARTUP_TIMEOUT = 30.0  # seconds a required part may take to come up (retryable failures)
+
+
+def startup_fields(f: Fields | None) -> tuple[str, float]:
+    """``lifecycle.startup`` (required | optional) and ``lifecycle.startup_timeout``."""
+    if f is None:
+        return "required", STARTUP_TIMEOUT
+    return (
+        f.get("startup", choice("required", "optional"), "required"),
+        f.get("startup_timeout", duration(), STARTUP_TIMEOUT),
+    )
 
 
 def driver_parsers() -> dict[str, Callable[[Fields], DriverSpec | None]]:
@@ -27,10 +40,18 @@ def driver_parsers() -> dict[str, Callable[[Fields], DriverSpec | None]]:
 def _driver_parser(kind: str) -> Callable[[Fields], DriverSpec | None]:
     def parse(f: Fields) -> DriverSpec | None:
         """The entry read into its driver's record; None once a problem was reported."""
+        startup, startup_timeout = startup_fields(f.sub("lifecycle"))
         options = read_options(schema(kind).driver, f)
         if options is None:
             return None
-        return DriverSpec(id=f.scope.entry_id, kind=kind, options=options, origin=f.scope.origin)
+        return DriverSpec(
+            id=f.scope.entry_id,
+            kind=kind,
+            options=options,
+            startup=startup,
+            startup_timeout=startup_timeout,
+            origin=f.scope.origin,
+        )
 
     return parse
 

@@ -23,7 +23,7 @@ from conveyor.registry.loader.fields import Declared, Fields, FileCtx, Load, Sco
 from conveyor.registry.loader.functions import LUA_FUNCTION, PYTHON_FUNCTION, parse_lua, parse_python
 from conveyor.registry.loader.policies import POLICY, parse_policy
 from conveyor.registry.loader.queues import QUEUE, parse_queue
-from conveyor.registry.loader.source import KeyPath, LineIndex, parse_yaml, substitute
+from conveyor.registry.loader.source import KeyPath, LineIndex, ShapeError, parse_yaml, substitute
 from conveyor.registry.problems import suggest
 
 __all__ = ["load_file"]
@@ -53,6 +53,9 @@ def load_file(path: Path, load: Load) -> None:
         document = parse_yaml(path.read_text(encoding="utf-8"), file.index)
     except (OSError, UnicodeDecodeError) as exc:
         top.report((), f"cannot read file: {exc}")
+        return
+    except ShapeError as exc:
+        top.report((), f"YAML document refused: {exc}", exc.line)
         return
     except yaml.YAMLError as exc:
         _report_yaml_error(top, exc)

@@ -1,4 +1,6 @@
-"""``queue.queue`` entries: driver, physical name, codec, dead letter, retry, driver options."""
+"""``queue.queue`` entries: driver, physical name, codec, dead letter, retry, driver options,
+and ``alias_of`` (another entry whose physical queue this one shares on purpose; the
+rules across entries are checked in phase two, :mod:`.crossref`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ QUEUE = "queue.queue"
 def parse_queue(f: Fields) -> QueueSpec:
     entry_id = f.scope.entry_id
     driver = f.ref("driver", driver_kinds(), required=True)
+    alias_of = f.ref("alias_of", (QUEUE,))
+    if alias_of is not None and alias_of == entry_id:
+        f.report("a queue cannot be an alias of itself", "alias_of")
     return QueueSpec(
         id=entry_id,
         driver=driver or "",
@@ -26,6 +31,7 @@ def parse_queue(f: Fields) -> QueueSpec:
         dead_letter=_dead_letter(f.sub("dead_letter"), entry_id),
         retry=_retry(f.sub("retry")),
         driver_options=queue_bags(f.sub("driver_options")),
+        alias_of=alias_of,
         origin=f.scope.origin,
     )
 

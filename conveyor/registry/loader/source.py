@@ -3,16 +3,22 @@ and ``${VAR}`` / ``${VAR:-default}`` substitution.
 
 Nothing here knows what an entry is. :func:`parse_yaml` returns the document as
 PyYAML builds it plus a :class:`LineIndex` (``KeyPath`` → line), so that problems
-found later can name the line they are about. :func:`substitute` replaces variables
-in a subtree and reports each failure through a callback; a string whose
-substitution failed becomes :attr:`Marker.UNRESOLVED`, so that readers report
-nothing more about it.
+found later can name the line they are about. Before anything walks the document,
+its shape is checked (:class:`ShapeError`): it may nest at most :data:`MAX_NESTING`
+levels, its aliases may repeat at most :data:`MAX_REPEATED_NODES` nodes in all, and
+no alias may refer to a node that contains it. PyYAML shares the node of an anchor
+between its aliases, so a few hundred bytes can stand for billions of nodes; these
+limits refuse such a file in milliseconds instead of walking every copy.
+
+:func:`substitute` replaces variables in a subtree and reports each failure through
+a callback; a string whose substitution failed becomes :attr:`Marker.UNRESOLVED`, so
+that readers report nothing more about it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +26,16 @@ import yaml
 
 from conveyor.registry.convert import EnvStr, Marker
 
-__all__ = ["KeyPath", "LineIndex", "Report", "parse_yaml", "substitute"]
+__all__ = [
+    "MAX_NESTING",
+    "MAX_REPEATED_NODES",
+    "KeyPath",
+    "LineIndex",
+    "Report",
+    "ShapeError",
+    "parse_yaml",
+    "substitute",
+]
 
 # A location inside a YAML document: mapping keys and list indexes.
 KeyPath = tuple[str | int, ...]
@@ -29,7 +44,10 @@ KeyPath = tuple[str | int, ...]
 Report = Callable[[KeyPath, str], None]
 
 # CSafeLoader is the libyaml build of SafeLoader: same (safe) semantics, faster.
-_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+MAX_NESTING = 64  # levels of nodes, the document's top mapping being the first
+MAX_REPEATED_NODES = 10_000  # nodes that aliases add to the document, in all
 
 _ENV_TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}|\$\{")
 _ENV_BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
@@ -44,20 +62,98 @@ class LineIndex:
     duplicate_keys: list[tuple[KeyPath, str, int]] = field(default_factory=list)
 
 
+class ShapeError(ValueError):
+    """A document too deep, or whose aliases expand too far; ``line`` is where it shows."""
+
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.line: int = node.start_mark.line + 1
+
+
+class _Loader(_BASE_LOADER):  # type: ignore[misc]
+    """The safe loader, with a located YAML error for a tagged value it cannot read.
+
+    PyYAML raises bare ValueError, KeyError or AttributeError for ``!!int abc``,
+    ``2001-02-30``, an empty ``!!timestamp`` or an integer of more digits than Python
+    converts; every one becomes a ``ConstructorError`` that names the node's line.
+    """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except Exception as exc:  # PyYAML's constructors raise several unrelated types
+            if isinstance(exc, (yaml.YAMLError, MemoryError)):
+                raise
+            reason = f"unknown value {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else exc
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read the value as {node.tag}: {reason}", node.start_mark
+            ) from None
+
+
 def parse_yaml(text: str, index: LineIndex) -> Any:
     """Parse one document, recording node lines and duplicate keys in ``index``.
 
-    Raises ``yaml.YAMLError`` on syntax errors.
+    Raises ``yaml.YAMLError`` on syntax errors (and on values PyYAML cannot construct),
+    :class:`ShapeError` on a document nested too deep or whose aliases expand too far.
     """
-    loader = _YAML_LOADER(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
+        check_shape(node)
         _index_nodes(node, (), index, set())
         return loader.construct_document(node)
     finally:
         loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_shape(root: yaml.Node) -> None:
+    """Raise :class:`ShapeError` unless the document, aliases expanded, is a tree of at
+    most :data:`MAX_NESTING` levels with at most :data:`MAX_REPEATED_NODES` nodes more
+    than it spells out.
+
+    One pass over the distinct nodes, without recursion: each node's expanded size and
+    height are computed once, however many aliases point at it.
+    """
+    size: dict[int, int] = {}  # id(node) -> nodes in its expansion, itself included
+    height: dict[int, int] = {}  # id(node) -> levels in its expansion, itself included
+    path: list[tuple[yaml.Node, Iterator[yaml.Node]]] = []
+    on_path: set[int] = set()
+
+    def enter(node: yaml.Node) -> None:
+        if len(path) >= MAX_NESTING:
+            raise ShapeError(f"the document nests deeper than {MAX_NESTING} levels", node)
+        on_path.add(id(node))
+        path.append((node, iter(_children(node))))
+
+    enter(root)
+    while path:
+        node, children = path[-1]
+        child = next(children, None)
+        if child is None:
+            path.pop()
+            on_path.discard(id(node))
+            below = [id(c) for c in _children(node)]
+            size[id(node)] = 1 + sum(size[c] for c in below)
+            height[id(node)] = 1 + max((height[c] for c in below), default=0)
+        elif id(child) in on_path:
+            raise ShapeError("an alias refers to a node that contains it (a recursive structure)", child)
+        elif id(child) not in size:
+            enter(child)
+        elif len(path) + height[id(child)] > MAX_NESTING:  # met before: an alias, expanded here
+            raise ShapeError(f"the document nests deeper than {MAX_NESTING} levels (through an alias)", child)
+    repeated = size[id(root)] - len(size)
+    if repeated > MAX_REPEATED_NODES:
+        raise ShapeError(f"aliases repeat {repeated} nodes, more than the {MAX_REPEATED_NODES} allowed", root)
 
 
 def _index_nodes(node: yaml.Node, path: KeyPath, index: LineIndex, active: set[int]) -> None:

@@ -29,13 +29,15 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-# The chaos tests of tests/chaos for longer than in `make test` (20 s each there): SQLite and
+# The chaos tests of tests/chaos for longer than in `make test` (12 s each there): SQLite and
 # RabbitMQ (classic and quorum queues, on a private node) for CHAOS_SECONDS each. A soak:
-# `make chaos CHAOS_SECONDS=1800`; a replay: `CONVEYOR_CHAOS_SEED=<printed> make chaos`.
+# `make chaos CHAOS_SECONDS=1800`; a replay: `CONVEYOR_CHAOS_SEED=<printed> make chaos`. It also runs
+# the tests marked `long` (left out of `make test`): RabbitMQ heartbeat loss on quorum queues and
+# without a dead-letter queue.
 CHAOS_SECONDS ?= 60
 chaos: $(STAMP)
 	CONVEYOR_CHAOS_SECONDS=$(CHAOS_SECONDS) CONVEYOR_CHAOS_AMQP_QUEUE_TYPES=classic,quorum \
-		$(BIN)/pytest tests/chaos -s
+		$(BIN)/pytest tests/chaos tests/amqp/test_faults.py -m "chaos or long" -s
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'

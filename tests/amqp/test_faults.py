@@ -395,7 +395,7 @@ def test_a_sync_handler_that_runs_long_keeps_the_connection_and_runs_once(
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize("queue_type", ["classic", pytest.param("quorum", marks=pytest.mark.long)])
 def test_heartbeats_missed_by_a_blocked_loop_cost_an_attempt_each_until_dead_lettered(
     node: RabbitNode, amqp: Harness, queue_type: str
 ) -> None:
@@ -435,6 +435,7 @@ def test_heartbeats_missed_by_a_blocked_loop_cost_an_attempt_each_until_dead_let
     assert headers["attempts"] == 3
 
 
+@pytest.mark.long
 @pytest.mark.timeout(180)
 def test_without_a_dead_letter_queue_each_lost_connection_still_raises_attempts(
     node: RabbitNode, amqp: Harness

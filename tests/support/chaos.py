@@ -13,7 +13,7 @@ runtime's headers, a message whose handler died with its process came back with 
 attempt count raised, and acks given by workers that were not killed held. The checks
 are listed in docs/chaos.md.
 
-The run is bounded by ``CONVEYOR_CHAOS_SECONDS`` (default 20) and driven by one seed,
+The run is bounded by ``CONVEYOR_CHAOS_SECONDS`` (default 12) and driven by one seed,
 ``CONVEYOR_CHAOS_SEED`` (default: a fresh one), printed at the start so that a failing
 schedule can be replayed (process timing still varies from run to run).
 """
@@ -78,7 +78,7 @@ def say(text: str) -> None:
 
 
 def _seconds() -> float:
-    raw = os.environ.get("CONVEYOR_CHAOS_SECONDS", "20")
+    raw = os.environ.get("CONVEYOR_CHAOS_SECONDS", "12")
     try:
         value = float(raw)
     except ValueError:

@@ -14,6 +14,11 @@ running and current), then — with ``consumers=True`` — start consumers in
 Stop order (the reverse): stop consumers (all at once, each gracefully within the
 grace period), close the drivers, detach the runtime, and finally stop the loop
 thread if the app owns one. After ``stop`` returns no task of the app is pending.
+
+Size: over 500 lines because the app's lifecycle is one piece of state (loop, drivers,
+queues, consumers, background restarts, watchdog) that start, stop and the late start
+of optional parts all change; the run loop, startup retries and the watchdog already
+live in ``running``, ``supervision`` and ``watchdog``.
 """
 
 from __future__ import annotations

@@ -60,6 +60,10 @@ Shutdown order:
 If the supervisor itself dies (even by SIGKILL), steps 2 and 3 happen anyway: every
 worker's control socket reaches end-of-file and the worker stops itself, escalating
 on the same schedule (see :class:`WorkerLink`).
+
+Size: over 500 lines because the supervisor and the worker's side of the link
+(:class:`WorkerLink`) speak one protocol over one socket and share the stop schedule;
+kept in one module so the two halves change together.
 """
 
 from __future__ import annotations

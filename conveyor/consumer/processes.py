@@ -63,6 +63,10 @@ non-blocking and read and written from ``loop.add_reader``/``add_writer`` callba
 and each child's exit is watched through a pidfd (Linux; the process sentinel
 elsewhere), so a death is noticed at once, the status is collected without waiting and
 no zombie stays behind. The parent has no thread and no task per child or per call.
+
+Size: over 500 lines because the parent's side (the pool) and the child's side
+(``_child_main``) share the framing and the failure rules and must change together;
+most of the length is the failure handling described above.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ bounded the same way by n times the pattern length.
 Errors keep the native wording and the caller's position: the native function is
 tail-called when the pattern is well formed (it cannot fail then), else called
 protected and its error raised again from the caller's level.
+
+Size: over 500 lines because most of it is one Lua chunk: a pattern matcher that
+follows the native algorithm step for step, and the cost bound that decides when it
+runs; splitting the chunk would split one algorithm.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ with hooks off) are guarded or refused; see "What runs in C" in docs/lua.md.
 
 Every host callable returns ``true, value`` or ``false, kind, message, retryable``;
 ``settle`` turns the latter into ``nil, err`` for the Lua caller.
+
+Size: over 500 lines because most of it is the Lua source of the prelude, one string
+that must be read as a whole (the sandbox, the error objects, the guards and
+``invoke``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ running and current), then — with ``consumers=True`` — start consumers in
 ``depends_on`` order and call ``on_start`` functions.
 
 Stop order (the reverse): stop consumers (all at once, each gracefully within the
-grace period), close the drivers, detach the runtime, and finally stop the loop
-thread if the app owns one. After ``stop`` returns no task of the app is pending.
+grace period), close the drivers, detach the runtime, close the metrics endpoint (if
+``serve_metrics`` asked for one; it binds first thing on start), and finally stop the
+loop thread if the app owns one. After ``stop`` returns no task of the app is pending.
 
 Size: over 500 lines because the app's lifecycle is one piece of state (loop, drivers,
 queues, consumers, background restarts, watchdog) that start, stop and the late start
@@ -28,20 +29,25 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from functools import partial
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from conveyor import errors
 from conveyor._loop import LoopThread, forbid_running_loop, run_blocking
 from conveyor.consumer.retry import RetryRule
-from conveyor.consumer.runtime import Consumer, is_async_handler
+from conveyor.consumer.runtime import Consumer, DeliveryTracer, is_async_handler
 from conveyor.drivers.base import Driver
 from conveyor.drivers.kinds import driver_class
 from conveyor.functions import Functions
+from conveyor.logs import consumer_fields
+from conveyor.observe.health import Parts
+from conveyor.observe.http import Listen
+from conveyor.observe.observer import Observer
 from conveyor.queue import context as qctx
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import get_codec
@@ -51,10 +57,13 @@ from conveyor.registry.loader import load_registry
 from conveyor.registry.model import ConsumerSpec, DriverSpec, Registry
 from conveyor.registry.problems import Problem, problems_error
 from conveyor.running import RunReport, Supervisor
-from conveyor.security.context import context_from_block
+from conveyor.security.context import SecurityContext, context_from_block
 from conveyor.security.policy import PolicyEngine, queue_aliases
 from conveyor.supervision import Restarts, start_with_retries
 from conveyor.watchdog import LoopWatchdog
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["DEFAULT_GRACE", "App", "RunReport"]
 
@@ -68,9 +77,21 @@ DEFAULT_GRACE = 30.0
 class App:
     """A loaded app. ``with app`` / ``async with app`` start it without consumers."""
 
-    def __init__(self, registry: Registry, *, log_bodies: bool = False) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        log_bodies: bool = False,
+        tracing: bool | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.registry = registry
         self.log_bodies = log_bodies
+        # OpenTelemetry (docs/operations.md#tracing): None = on when a real tracer provider
+        # is set when the app starts (or tracer_provider is given); True/False force it.
+        self.tracing = tracing
+        self.tracer_provider = tracer_provider
+        self._delivery_tracer: DeliveryTracer | None = None
         self.consumers: dict[str, Consumer] = {}
         self.stopped_stats: dict[str, dict[str, int]] = {}  # stats of consumers since stopped
         engine = PolicyEngine(
@@ -88,6 +109,8 @@ class App:
         self._restarts = Restarts()
         self._missing: dict[str, str] = {}  # optional drivers not started yet: id -> why
         self._consumers_started = False  # astart_consumers() ran for the auto_start set
+        # metrics and health (docs/operations.md#metrics); serves only after serve_metrics()
+        self._observer = Observer(registry, self.runtime, self.consumers, self._health_parts)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -165,13 +188,16 @@ class App:
         self._loop = asyncio.get_running_loop()
         self._supervisor.arm(self._loop)
         try:
+            await self._observer.open(self._loop)  # first: /healthz answers during the start
             self.preflight(consumers)
             await self._open_drivers()
             queues = await self._declare_queues()
         except BaseException:
             await self._close_drivers()
+            await self._observer.close()
             self._loop = None
             raise
+        self._start_tracing()
         self.runtime.attach(self._loop, queues, unavailable=self._unavailable_queues())
         self._watchdog = LoopWatchdog(self._loop, threading.get_ident())
         self._watchdog.start()
@@ -182,11 +208,13 @@ class App:
             except BaseException:
                 await self.astop(0)
                 raise
+        self._observer.opened()
         return self
 
     async def astop(self, timeout: float | None = None) -> None:
         if self._loop is None:
             return
+        self._observer.stopping()  # /readyz fails from now on
         await self._restarts.cancel()
         await self.astop_consumers(timeout)
         await self._close_drivers()
@@ -197,6 +225,7 @@ class App:
             self._watchdog = None
         self.runtime.detach()
         self._on_start_done = False
+        await self._observer.close()  # the metrics endpoint, last before the loop
         self._loop = None
 
     def preflight(self, consumers: bool = True) -> None:
@@ -252,6 +281,17 @@ class App:
                     )
                 )
         return found
+
+    def _start_tracing(self) -> None:
+        """Decide, for this start, whether publishes and deliveries are traced."""
+        built = None
+        if self.tracing is not False and (
+            self.tracing or self.tracer_provider is not None or _tracing_possible()
+        ):
+            from conveyor.tracing import tracers  # noqa: PLC0415 - imports OpenTelemetry
+
+            built = tracers(self.tracer_provider, force=self.tracing is True)
+        self.runtime.tracer, self._delivery_tracer = built if built is not None else (None, None)
 
     async def _open_drivers(self) -> None:
         """Open every driver, retrying retryable failures (see :mod:`conveyor.supervision`)."""
@@ -353,7 +393,7 @@ class App:
             force = self._supervisor.force_event
             await asyncio.gather(*(c.stop(grace, force) for c in consumers))
         self.stopped_stats.update({c.spec.id: c.stats.as_dict() for c in consumers})
-        self.consumers.clear()
+        self._observer.retire(self.consumers)  # keeps their metrics, then clears the dict
 
     async def astart_consumers(self, ids: Iterable[str] | None = None) -> None:
         """Start the given consumers (default: every ``auto_start`` one) in dependency order."""
@@ -414,12 +454,20 @@ class App:
             queue,
             self.functions.handler(spec),
             dead_letter=self.runtime.queue(dead_letter.queue) if dead_letter else None,
-            context=partial(self.runtime.context, security),
+            context=partial(self._worker_context, spec, security),
             log_bodies=self.log_bodies,
             process_factory=self._process_factory(spec),
+            tracer=self._delivery_tracer,
+            timed=self._observer.configured,
         )
         await consumer.start()
         self.consumers[spec.id] = consumer
+
+    def _worker_context(self, spec: ConsumerSpec, security: SecurityContext | None) -> contextvars.Context:
+        """A worker's context: the runtime's, plus the consumer's log fields (conveyor.logs)."""
+        ctx = self.runtime.context(security)
+        ctx.run(consumer_fields.set, {"consumer": spec.id, "queue": spec.queue})
+        return ctx
 
     def _consumer_order(self, ids: Iterable[str] | None) -> list[ConsumerSpec]:
         registry = self.registry.consumers
@@ -559,6 +607,38 @@ class App:
         merged.update({cid: c.stats.as_dict() for cid, c in self.consumers.items()})
         return merged
 
+    # -- metrics and health (conveyor.observe; docs/operations.md#metrics) -----------------
+
+    def serve_metrics(self, port: int = 0, host: str = "127.0.0.1", *, path: str | None = None) -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/readyz`` over HTTP while the app runs.
+
+        Call before starting the app. The server binds ``host``:``port`` (port 0: a free
+        port; see :attr:`metrics_address`) first thing when the app starts (INVALID if it
+        cannot, e.g. the port is in use) and closes last when it stops. ``path`` serves
+        on a Unix socket instead (what ``conveyor run --processes`` workers do).
+        """
+        if self.running:
+            raise errors.invalid("serve_metrics() must be called before the app starts")
+        self._observer.configure(Listen(host, port, path))
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | str | None:
+        """Where the metrics endpoint listens — ``(host, port)`` as bound, or the Unix
+        socket's path — while the app runs; None otherwise."""
+        return self._observer.address
+
+    def _health_parts(self) -> Parts:
+        """What ``/readyz`` judges; called on the app's loop."""
+        wanted = [spec.id for spec in self._consumer_order(None)] if self._consumers_started else []
+        return Parts(
+            self.registry,
+            dict(self._drivers),
+            dict(self._missing),
+            dict(self.consumers),
+            wanted,
+            self._restarts.pending(),
+        )
+
 
 def handler_in_process(path: str, consumer_id: str) -> Callable[[Any], Any]:
     """Run in a handler process (``hard_timeout``): load the app's files, resolve the handler."""
@@ -567,6 +647,12 @@ def handler_in_process(path: str, consumer_id: str) -> Callable[[Any], Any]:
     if spec is None:
         raise errors.invalid(f"consumer {consumer_id} is not declared in {path}")
     return Functions(registry).handler(spec)
+
+
+def _tracing_possible() -> bool:
+    """False when no tracer provider can have been configured: OpenTelemetry's trace API
+    was never imported and no provider is named by the environment (import it only then)."""
+    return "opentelemetry.trace" in sys.modules or bool(os.environ.get("OTEL_PYTHON_TRACER_PROVIDER"))
 
 
 def _load_path(registry: Registry) -> str | None:

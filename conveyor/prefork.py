@@ -36,6 +36,9 @@ keeper task of slot I         ``Prefork.run``          a stop, the worker finish
                                                        (idle, timeout), or a fatal exit
 kill timer                    ``Prefork.run``          firing, or the end of the run
 watcher thread (in a worker)  the worker process       the process's exit (a daemon thread)
+metrics endpoint (with        ``Prefork.run``          the end of the run, after every worker
+``metrics``) and the                                   has exited (the directory is removed)
+workers' socket directory
 ============================  =======================  ==========================================
 
 Workers run in their own process groups, so a Ctrl-C in a terminal reaches the
@@ -85,6 +88,8 @@ from typing import Any
 from conveyor import errors
 from conveyor.app import DEFAULT_GRACE
 from conveyor.drivers.kinds import driver_class
+from conveyor.observe.http import Listen
+from conveyor.observe.workers import WorkersEndpoint
 from conveyor.registry.model import Registry
 
 __all__ = [
@@ -374,7 +379,10 @@ class Prefork:
     ``args`` are the worker's ``conveyor run`` arguments after ``run`` (the config path
     and flags, without ``--processes``, ``--timeout``, ``--json``); ``timeout`` is the
     ``--timeout`` counted from the supervisor's start (a restarted worker gets what is
-    left). ``fatal_codes`` are the exit codes a restart would only repeat.
+    left). ``fatal_codes`` are the exit codes a restart would only repeat. With
+    ``metrics``, the supervisor serves ``/metrics``, ``/healthz`` and ``/readyz`` there,
+    summed over its workers (:mod:`conveyor.observe.workers`), and tells each worker
+    where to serve its own (``--metrics-socket``).
     """
 
     def __init__(
@@ -386,6 +394,7 @@ class Prefork:
         backoff: Backoff | None = None,
         kill_after: float = KILL_AFTER,
         fatal_codes: Collection[int] = (),
+        metrics: Listen | None = None,
     ) -> None:
         if processes < 1:
             raise errors.invalid(f"processes must be >= 1, got {processes}")
@@ -402,6 +411,9 @@ class Prefork:
         self._stop_event: asyncio.Event | None = None
         self._forwarded: list[int] = []  # signals sent to every worker so far, in order
         self._killer: asyncio.Task[None] | None = None
+        # metrics: the public endpoint sums the workers' (each on a Unix socket of its slot)
+        self.metrics = metrics
+        self._metrics: WorkersEndpoint | None = None
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -410,6 +422,9 @@ class Prefork:
         loop = asyncio.get_running_loop()
         self._started = time.monotonic()
         self._stop_event = asyncio.Event()
+        if self.metrics is not None:  # bound before any worker starts: a taken port fails the run
+            self._metrics = WorkersEndpoint(self.metrics, self.processes, loop)
+            self._metrics.start()
         installed: list[int] = []
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
@@ -429,6 +444,8 @@ class Prefork:
             if self._killer is not None:
                 self._killer.cancel()
             await self._kill_leftovers(keepers)
+            if self._metrics is not None:
+                await asyncio.to_thread(self._metrics.close)
         self.result.elapsed = time.monotonic() - self._started
         return self.result
 
@@ -498,6 +515,8 @@ class Prefork:
         command = [sys.executable, "-m", "conveyor", "run", *self.args]
         if remaining is not None:
             command += ["--timeout", f"{remaining:.3f}"]
+        if self._metrics is not None:
+            command += ["--metrics-socket", self._metrics.socket(slot.index)]
         return [*command, "--prefork-worker", f"{slot.index}:{fd}"]
 
     async def _run(self, slot: _Slot, remaining: float | None) -> WorkerRun:

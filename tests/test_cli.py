@@ -7,9 +7,11 @@ that needs messages to flow happens inside one ``conveyor run``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from textwrap import dedent
 
 import pytest
 
+import conveyor as conveyor_package
 from conveyor import cli
 
 TIMEOUT = 30  # seconds: no subprocess call of this file may run longer
@@ -75,6 +78,7 @@ entries:
 
 MODULE = """\
 import os
+import re
 import pathlib
 import time
 
@@ -185,6 +189,12 @@ def finish(proc: subprocess.Popen[str], timeout: float = 15) -> tuple[str, str, 
     return out, err, time.monotonic() - started
 
 
+def foreign_tracebacks(stderr: str, handler_error: str = "RuntimeError: task 2 failed") -> list[str]:
+    """The tracebacks on ``stderr`` other than those logged for the handler's own failure."""
+    blocks = stderr.split("Traceback (most recent call last):")[1:]
+    return [block for block in blocks if handler_error not in block]
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], starts: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -197,15 +207,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], starts: str)
 
 
 def test_version_and_console_script(tmp_path: Path) -> None:
+    """One source for the version: conveyor.__version__, which the package metadata reads."""
+    version = importlib.metadata.version("conveyor")
+    assert version == conveyor_package.__version__
     result = conveyor(tmp_path, "--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == "conveyor 0.1.0.dev0"
+    assert result.stdout.strip() == f"conveyor {version}"
     script = Path(sys.executable).parent / "conveyor"
     if script.exists():
         direct = subprocess.run(
             [str(script), "--version"], capture_output=True, text=True, timeout=TIMEOUT, check=False
         )
-        assert direct.stdout.strip() == "conveyor 0.1.0.dev0"
+        assert direct.stdout.strip() == f"conveyor {version}"
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -311,11 +324,13 @@ def test_publish(tmp_path: Path) -> None:
     write_app(tmp_path)
     result = conveyor(tmp_path, "publish", "app:tasks", '{"n": 1}')
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "published to app:tasks\n"
+    assert re.fullmatch(r"[0-9a-f]{16}-1\n", result.stdout), result.stdout  # the new message's ID
     assert result.stderr == ""
-    as_json = conveyor(tmp_path, "publish", "app:tasks", "plain text", "--json")
+    as_json = conveyor(tmp_path, "publish", "app:tasks", "plain text", "--text", "--json")
     assert as_json.returncode == 0, as_json.stderr
-    assert json.loads(as_json.stdout) == {"ok": True, "queue": "app:tasks", "headers": {}}
+    sent = json.loads(as_json.stdout)
+    assert sent == {"id": sent["id"], "queue": "app:tasks", "headers": {}}
+    assert sent["id"].endswith("-1")
 
 
 def test_publish_typed_headers(tmp_path: Path) -> None:
@@ -521,7 +536,7 @@ def test_run_stops_gracefully_on_sigint(tmp_path: Path) -> None:
     assert out.startswith("stopped by a signal after ")
     assert "(forced)" not in out
     assert "received SIGINT: stopping gracefully" in err
-    assert "Traceback" not in err
+    assert foreign_tracebacks(err) == []
 
 
 def test_second_signal_stops_at_once(tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ PLACES: list[tuple[str, int, str]] = [
     ("conveyor.running", 4, "app"),
     ("conveyor.watchdog", 4, "app"),
     ("conveyor.supervision", 4, "app"),
+    ("conveyor.observe", 4, "app"),
+    ("conveyor.observe.*", 4, "app"),
+    ("conveyor.tracing", 4, "app"),
+    ("conveyor.logs", 4, "app"),
     # 5: the command line
     ("conveyor.cli", 5, "cli"),
     ("conveyor.cli.*", 5, "cli"),

@@ -1495,15 +1495,18 @@ def test_duration_units_run_from_large_to_small_once(text: str) -> None:
         parse_duration(text)
 
 
-def test_directory_loads_only_yaml_and_skips_hidden_directories(tmp_path: Path) -> None:
+def test_directory_loads_yaml_and_yml_and_skips_hidden_directories(tmp_path: Path) -> None:
+    """Issue 10: a directory's *.yml files load like its *.yaml files (they used to be ignored)."""
     (tmp_path / "app.yaml").write_text("namespace: app\nentries:\n  - {name: m, kind: queue.driver.memory}\n")
-    (tmp_path / "other.yml").write_text("this: [is not conveyor\n")
+    (tmp_path / "other.yml").write_text("namespace: ot\nentries:\n  - {name: n, kind: queue.driver.memory}\n")
+    (tmp_path / "notes.txt").write_text("this: [is not conveyor\n")
     hidden = tmp_path / ".github"
     hidden.mkdir()
     (hidden / "ci.yaml").write_text("on: push\n")
+    (hidden / "ci.yml").write_text("on: push\n")
     registry = load_registry(tmp_path)
-    assert list(registry.drivers) == ["app:m"]
-    assert [p.name for p in registry.files] == ["app.yaml"]
+    assert list(registry.drivers) == ["app:m", "ot:n"]
+    assert [p.name for p in registry.files] == ["app.yaml", "other.yml"]
 
 
 def test_small_max_delay_warns_and_a_declared_alias_does_not(tmp_path: Path) -> None:

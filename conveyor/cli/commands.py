@@ -1,4 +1,7 @@
-"""The commands: ``run``, ``publish``, ``info``, ``check``, ``call``; each returns its exit code."""
+"""The commands ``run``, ``info``, ``check`` and ``call``; each returns its exit code.
+
+``publish`` is in :mod:`conveyor.cli.publishing`; ``peek`` and ``dlq`` in :mod:`conveyor.cli.tooling`.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from conveyor.cli.inputs import (
     declared_function,
     declared_queue,
     load_app,
-    parse_headers,
     parse_value,
     resolve_config,
 )
@@ -36,10 +38,10 @@ from conveyor.cli.output import (
     plural,
     print_json,
 )
+from conveyor.observe.http import Listen
 from conveyor.prefork import Prefork, PreforkResult, WorkerLink, check_shareable, combine_reports
-from conveyor.queue.headers import check_headers
 
-__all__ = ["RunOutcome", "cmd_call", "cmd_check", "cmd_info", "cmd_publish", "cmd_run", "idle_for"]
+__all__ = ["RunOutcome", "cmd_call", "cmd_check", "cmd_info", "cmd_run", "idle_for"]
 
 log = logging.getLogger("conveyor.cli")
 
@@ -128,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``conveyor run``: drivers, queues and consumers until a signal (or idle)."""
     if args.timeout is not None and not args.until_idle:
         raise UsageError("--timeout only applies with --until-idle")
+    if args.metrics_host is not None and args.metrics_port is None:
+        raise UsageError("--metrics-host only applies with --metrics-port")
     if args.processes > 1:
         if args.prefork_worker is not None:
             raise UsageError("--prefork-worker and --processes cannot be combined")
@@ -136,7 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.prefork_worker is not None:  # started by a --processes supervisor
         slot, fd = args.prefork_worker
         link = WorkerLink.attach(slot, fd, args.grace)
-    app = load_app(args.path, log_bodies=args.log_bodies)
+    app = load_app(args.config, log_bodies=args.log_bodies)
+    if args.metrics_socket is not None:  # a worker: its supervisor asks it and serves the sum
+        app.serve_metrics(path=args.metrics_socket)
+    elif args.metrics_port is not None:
+        app.serve_metrics(args.metrics_port, args.metrics_host or "127.0.0.1")
     if link is None:  # a worker's supervisor has logged them once already
         for warning in app.registry.warnings:
             log.warning("%s", warning)
@@ -169,6 +177,8 @@ def _worker_args(args: argparse.Namespace, path: str) -> list[str]:
         argv.append("--log-bodies")
     if args.log_level:
         argv += ["--log-level", str(args.log_level)]
+    if args.log_format != "text":
+        argv += ["--log-format", args.log_format]
     if args.debug:
         argv.append("--debug")
     return argv
@@ -192,13 +202,19 @@ def _prefork_verdict(args: argparse.Namespace, result: PreforkResult) -> tuple[i
 
 def _run_processes(args: argparse.Namespace) -> int:
     """``conveyor run --processes N``: N workers under one supervisor (``conveyor.prefork``)."""
-    path = os.path.abspath(resolve_config(args.path))
+    path = os.path.abspath(resolve_config(args.config))
     app = conveyor.load(path, log_bodies=args.log_bodies)
     check_shareable(app.registry, args.processes)
     for warning in app.registry.warnings:
         log.warning("%s", warning)
+    host = args.metrics_host or "127.0.0.1"
+    metrics = None if args.metrics_port is None else Listen(host, args.metrics_port)
     supervisor = Prefork(
-        _worker_args(args, path), args.processes, timeout=args.timeout, fatal_codes=(EXIT_USAGE,)
+        _worker_args(args, path),
+        args.processes,
+        timeout=args.timeout,
+        fatal_codes=(EXIT_USAGE,),
+        metrics=metrics,
     )
     result = asyncio.run(supervisor.run())
     reports = result.reports
@@ -225,21 +241,6 @@ def _run_processes(args: argparse.Namespace) -> int:
     if problem is not None:
         err(problem)
     return code
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    """``conveyor publish``: start the app without consumers, publish one message, stop."""
-    data = args.data if args.string else parse_value(args.data)
-    headers = check_headers(parse_headers(args.header))
-    app = load_app(args.config)
-    qid = declared_queue(app, args.queue_id)
-    with app:
-        queue.publish(qid, data, headers or None)
-    if args.json:
-        print_json({"ok": True, "queue": qid, "headers": headers})
-    else:
-        out(f"published to {qid}")
-    return EXIT_OK
 
 
 def _queue_row(app: App, qid: str) -> dict[str, Any]:
@@ -306,7 +307,7 @@ def _problems_of(exc: errors.Error, path: str) -> list[Any]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``conveyor check``: load and validate; print every problem, or a summary and warnings."""
-    path = resolve_config(args.path)
+    path = resolve_config(args.config)
     try:
         app = conveyor.load(path)
         app.preflight(consumers=True)  # drivers available, handlers importable

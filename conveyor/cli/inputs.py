@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "declared_function",
     "declared_queue",
+    "default_config",
     "load_app",
     "parse_header",
     "parse_headers",
@@ -29,6 +30,8 @@ __all__ = [
 CONFIG_ENV = "CONVEYOR_CONFIG"
 
 DEFAULT_CONFIG = "conveyor.yaml"
+
+DEFAULT_CONFIGS = (DEFAULT_CONFIG, "conveyor.yml")  # looked for in this order
 
 
 def _reject_constant(name: str) -> Any:
@@ -61,15 +64,24 @@ def parse_headers(items: Sequence[str]) -> dict[str, Any]:
     return dict(parse_header(item) for item in items)
 
 
+def default_config() -> str:
+    """``./conveyor.yaml``, else ``./conveyor.yml`` if only that one exists."""
+    for name in DEFAULT_CONFIGS:
+        if os.path.exists(name):
+            return name
+    return DEFAULT_CONFIG
+
+
 def resolve_config(given: str | None) -> str:
-    """The configuration path: ``given``, else ``$CONVEYOR_CONFIG``, else ``./conveyor.yaml``."""
+    """The configuration path: ``given``, else ``$CONVEYOR_CONFIG``, else ``./conveyor.yaml``
+    (or ``./conveyor.yml``)."""
     if given:
         path, origin = given, ""
     elif os.environ.get(CONFIG_ENV):
         path, origin = os.environ[CONFIG_ENV], f" (from ${CONFIG_ENV})"
     else:
-        path = DEFAULT_CONFIG
-        origin = f" (the default; pass a path or set ${CONFIG_ENV})"
+        path = default_config()
+        origin = f" (the default, or conveyor.yml; pass -c PATH or set ${CONFIG_ENV})"
     if not os.path.exists(path):
         raise UsageError(f"configuration not found: {os.path.abspath(path)}{origin}")
     return path

@@ -9,9 +9,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from conveyor import errors
+from conveyor.logs import ContextFilter, JsonFormatter
 from conveyor.registry.problems import Problem
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -26,6 +28,7 @@ __all__ = [
     "error_lines",
     "format_problem",
     "format_table",
+    "json_text",
     "out",
     "plural",
     "print_json",
@@ -38,6 +41,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 EXIT_INTERRUPTED = 130
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: whoever read stdout closed it early (`| head`)
+
 USAGE_KINDS = frozenset({errors.INVALID, errors.NOT_FOUND})
 
 
@@ -68,8 +74,13 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """``value`` as JSON text (bytes as text, sets and tuples as lists, errors as dicts)."""
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=_json_default)
+
+
 def print_json(value: Any) -> None:
-    out(json.dumps(value, indent=2, ensure_ascii=False, default=_json_default))
+    out(json_text(value))
 
 
 def cell(value: Any) -> str:
@@ -140,12 +151,14 @@ class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stderr handler installed by :func:`configure_logging` (replaced on each call)."""
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` through :class:`ConsoleFormatter`."""
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level``: through :class:`ConsoleFormatter` (``text``) or one JSON
+    object per line (``json``), each record with its delivery context (conveyor.logs)."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _CliHandler)]:
         root.removeHandler(handler)
     handler = _CliHandler(sys.stderr)
-    handler.setFormatter(ConsoleFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
+    handler.addFilter(ContextFilter())
     root.addHandler(handler)
     root.setLevel(level)

@@ -14,6 +14,10 @@ Stop order (graceful): refuse new deliveries (idle workers are cancelled; ``get`
 cancellation-safe), let busy workers finish within the grace period, cancel the
 stragglers (their messages stay unsettled), then close the subscription, which hands
 every unsettled message back to the queue.
+
+Size: about 500 lines because the worker loop, its hot path and the stop order share
+the consumer's state (busy count, strays, respawn backoff); split, each part would
+reach into the others' attributes.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import contextvars
 import inspect
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from conveyor import errors
 from conveyor.consumer.processes import HandlerFactory, HandlerProcesses
 from conveyor.consumer.retry import RetryRule
-from conveyor.consumer.settlement import ConsumerStats, Settlement
+from conveyor.consumer.settlement import DURATION_BUCKETS, ConsumerStats, Settlement
 from conveyor.consumer.threads import HandlerThreads
 from conveyor.drivers.base import Delivery, Subscription
 from conveyor.queue.bound import BoundQueue
@@ -39,7 +44,7 @@ from conveyor.queue.context import deadline_var, message_var
 from conveyor.queue.message import Message
 from conveyor.registry.model import ConsumerSpec
 
-__all__ = ["Consumer", "ConsumerStats", "Handler", "is_async_handler"]
+__all__ = ["Consumer", "ConsumerStats", "DeliveryTracer", "Handler", "is_async_handler"]
 
 log = logging.getLogger("conveyor.consumer")
 
@@ -50,6 +55,23 @@ RESPAWN_MAX = 30.0  # ... doubling while workers keep crashing, up to this
 RESPAWN_RESET = 60.0  # seconds without a crash after which the delay starts over
 
 Handler = Callable[[Any], Any]
+
+
+class DeliveryTracer(Protocol):
+    """What traces deliveries (a consumer span each), when tracing is on.
+
+    ``start`` runs in the worker's context before the handler and returns a handle;
+    ``settled`` is the settlement's ``Observer``; ``end`` runs in the same context after
+    the settlement (or a stop), with the handler's failure, and undoes what ``start`` set.
+    """
+
+    def start(self, consumer: ConsumerSpec, queue: BoundQueue, delivery: Delivery) -> Any: ...
+
+    def settled(
+        self, delivery: Delivery, outcome: str, reason: str | None, error: BaseException | None
+    ) -> None: ...
+
+    def end(self, handle: Any, failure: BaseException | None) -> None: ...
 
 
 def is_async_handler(fn: Handler) -> bool:
@@ -80,8 +102,12 @@ class Consumer:
         log_bodies: bool = False,
         retry: RetryRule | None = None,
         process_factory: HandlerFactory | None = None,
+        tracer: DeliveryTracer | None = None,
+        timed: bool = True,
     ) -> None:
         self.spec = spec
+        self.tracer = tracer
+        self.timed = timed  # handler durations into stats.durations (for the metrics)
         self.queue = queue
         self.handler = handler
         self.is_async = is_async_handler(handler)
@@ -96,6 +122,7 @@ class Consumer:
             log_bodies=log_bodies,
             retry=retry if retry is not None else RetryRule.of(spec),
         )
+        self.settlement.observe = tracer.settled if tracer is not None else None
         self._context = context
         self._sub: Subscription | None = None
         self._workers: set[asyncio.Task[None]] = set()
@@ -304,7 +331,7 @@ class Consumer:
             finally:
                 self._busy -= 1
 
-    async def _process(self, delivery: Delivery, worker: asyncio.Task[None]) -> None:
+    async def _process(self, delivery: Delivery, worker: asyncio.Task[None]) -> None:  # noqa: PLR0915 - the hot path stays in one frame
         self.stats.delivered += 1
         settlement = self.settlement
         if await settlement.exhausted(delivery):
@@ -318,7 +345,11 @@ class Consumer:
         token = message_var.set(msg)
         if self.spec.timeout is not None:
             deadline_var.set(time.monotonic() + self.spec.timeout)
+        tracer = self.tracer
+        traced = tracer.start(self.spec, self.queue, delivery) if tracer is not None else None
         failure: BaseException | None = None
+        durations = self.stats.durations if self.timed else None
+        started = _clock() if durations is not None else 0.0
         try:
             if self._fast:
                 await self.handler(payload)
@@ -328,6 +359,9 @@ class Consumer:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 msg._release()  # stopping: left unsettled, returned by close()
+                if tracer is not None:
+                    tracer.settled(delivery, "released", "the consumer stopped", None)
+                    tracer.end(traced, None)
                 raise
             failure = errors.Error(errors.CANCELED, "handler was cancelled", retryable=True)
         except BaseException as exc:  # handlers may raise anything; none may kill the worker
@@ -335,6 +369,10 @@ class Consumer:
                 raise  # not the handler: this abandoned worker's coroutine is being closed
             failure = exc
         finally:
+            if durations is not None:
+                elapsed = _clock() - started  # Durations.observe, inlined
+                durations.counts[bisect_left(DURATION_BUCKETS, elapsed)] += 1
+                durations.sum += elapsed
             try:  # noqa: SIM105 - hot path: no context manager per message
                 message_var.reset(token)
             except ValueError:  # closed from another context (see above)
@@ -350,6 +388,8 @@ class Consumer:
                 await settlement.auto_settle(msg, delivery, failure)
         finally:
             msg._release()
+            if tracer is not None:
+                tracer.end(traced, failure)
 
     async def _invoke(self, msg: Message, delivery: Delivery, payload: Any) -> None:
         timeout = self.spec.timeout
@@ -424,6 +464,8 @@ class Consumer:
     def _call_sync(self, payload: Any) -> Any:
         return _check_sync_result(self.handler(payload))
 
+
+_clock = time.perf_counter
 
 _ABANDONED: set[asyncio.Task[Any]] = set()
 

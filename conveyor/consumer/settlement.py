@@ -17,8 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import os
+import sysconfig
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 from conveyor import errors
@@ -29,9 +34,38 @@ from conveyor.queue.codecs import DecodeError
 from conveyor.queue.message import Message
 from conveyor.registry.model import ConsumerSpec
 
-__all__ = ["ConsumerStats", "Settlement", "error_text"]
+__all__ = ["DURATION_BUCKETS", "ConsumerStats", "Durations", "Observer", "Settlement", "error_text"]
 
 log = logging.getLogger("conveyor.consumer")
+
+
+# Upper bounds (seconds) of the handler-duration histogram's buckets; +Inf is implied.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class Durations:
+    """How long handlers ran: a fixed-bucket histogram, cheap enough for every message.
+
+    ``counts[i]`` counts durations ``<= DURATION_BUCKETS[i]`` and above the bucket
+    before (not cumulative); the last slot counts those above every bound.
+    """
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.sum = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def observe(self, seconds: float) -> None:
+        # The consumer's hot path inlines these two lines; keep them in step.
+        self.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.sum += seconds
 
 
 @dataclass(slots=True)
@@ -43,6 +77,7 @@ class ConsumerStats:
     undecodable: int = 0
     dropped: int = 0  # not retryable, no dead-letter queue: acked with an ERROR log
     worker_restarts: int = 0  # workers replaced after ending unexpectedly
+    durations: Durations = field(default_factory=Durations)  # handler run times (not in as_dict)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -54,6 +89,43 @@ class ConsumerStats:
             "dropped": self.dropped,
             "worker_restarts": self.worker_restarts,
         }
+
+
+# Told what became of each delivery: (delivery, outcome, reason, error); outcomes are
+# acked, retried, dead_lettered, dropped, released, unsettled (see conveyor.tracing).
+Observer = Callable[[Delivery, str, str | None, BaseException | None], None]
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_INSTALLED = tuple({os.path.abspath(sysconfig.get_paths()[key]) + os.sep for key in ("purelib", "platlib")})
+
+
+def _internal(filename: str) -> bool:
+    """A frame of conveyor itself or of the standard library (asyncio, threading, ...)."""
+    if filename.startswith(_PACKAGE):
+        return True
+    return filename.startswith(_STDLIB) and not filename.startswith(_INSTALLED)
+
+
+def _exc_info(
+    error: BaseException | None,
+) -> tuple[type[BaseException], BaseException, TracebackType] | None:
+    """What a log record's ``exc_info`` gets: the failure, when it has a traceback to show.
+
+    The traceback starts at the first frame that is neither conveyor's nor the standard
+    library's (the handler's own). A failure with no such frame (a Lua handler's error,
+    a timeout, a check of conveyor's) shows no traceback: its message says it all, and
+    conveyor's own frames would only hide that. The exception itself is left as it is.
+    """
+    if error is None or error.__traceback__ is None:
+        return None
+    first: TracebackType | None = error.__traceback__
+    while first is not None and _internal(first.tb_frame.f_code.co_filename):
+        first = first.tb_next
+    if first is None:
+        return None
+    return type(error), error, first
 
 
 def error_text(exc: BaseException) -> str:
@@ -90,6 +162,7 @@ class Settlement:
         self._log_bodies = log_bodies
         self._sub: Subscription | None = None
         self.log_extra = {"consumer": spec.id, "queue": queue.id}
+        self.observe: Observer | None = None  # set by the consumer when deliveries are traced
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -108,18 +181,25 @@ class Settlement:
     async def ack(self, delivery: Delivery) -> None:
         await self.subscription.ack(delivery)
         self.stats.acked += 1
+        if self.observe is not None:
+            self.observe(delivery, "acked", None, None)
 
-    async def nack(self, delivery: Delivery, reason: str) -> None:
-        """A failed attempt: dead-letter when attempts are exhausted, else retry later."""
+    async def nack(self, delivery: Delivery, reason: str, error: BaseException | None = None) -> None:
+        """A failed attempt: dead-letter when attempts are exhausted, else retry later.
+
+        ``error``: the handler's exception, if it raised one (its traceback is logged).
+        """
         self.stats.failed += 1
         dead_letter = self.queue.spec.dead_letter
         attempts = delivery.attempts
         exhausted = dead_letter is not None and attempts >= dead_letter.max_attempts
-        if exhausted and await self.dead_letter(delivery, reason):
+        if exhausted and await self.dead_letter(delivery, reason, error):
             return
         delay = self.queue.spec.retry.delay_for(attempts)
-        self._log_attempt(delivery, reason, delay)
+        self._log_attempt(delivery, reason, delay, error)
         await self.subscription.nack(delivery, delay)
+        if self.observe is not None:
+            self.observe(delivery, "retried", reason, error)
 
     # -- after the handler -----------------------------------------------------------------
 
@@ -128,6 +208,8 @@ class Settlement:
         if self.spec.auto_ack:
             if failure is not None:
                 self._log_failure(delivery, failure, "auto_ack: message already settled, not retried")
+                if self.observe is not None:
+                    self.observe(delivery, "acked", None, failure)
             else:
                 self.stats.acked += 1
             return
@@ -138,6 +220,7 @@ class Settlement:
                     delivery.id,
                     self.queue.id,
                     error_text(failure),
+                    exc_info=_exc_info(failure),
                     extra={**self.log_extra, "message_id": delivery.id},
                 )
             return
@@ -145,13 +228,13 @@ class Settlement:
             if failure is None:
                 await self.ack(delivery)
             elif self.retry.retries(failure):
-                await self.nack(delivery, error_text(failure))
+                await self.nack(delivery, error_text(failure), failure)
             else:
-                await self.give_up(delivery, f"not retryable: {error_text(failure)}")
+                await self.give_up(delivery, f"not retryable: {error_text(failure)}", failure)
         except errors.Error as exc:
             self.log_settle_error(delivery, exc)
 
-    async def give_up(self, delivery: Delivery, reason: str) -> None:
+    async def give_up(self, delivery: Delivery, reason: str, error: BaseException | None = None) -> None:
         """A failure that retrying cannot fix: dead-letter it now, whatever the attempt.
 
         Without a dead-letter queue the message is acked and reported at ERROR (and
@@ -159,14 +242,18 @@ class Settlement:
         """
         self.stats.failed += 1
         if self.target is not None:
-            if await self.dead_letter(delivery, reason):
+            if await self.dead_letter(delivery, reason, error):
                 return
             delay = self.queue.spec.retry.delay_for(delivery.attempts)
-            self._log_attempt(delivery, reason, delay)
+            self._log_attempt(delivery, reason, delay, error)
             await self.subscription.nack(delivery, delay)
+            if self.observe is not None:
+                self.observe(delivery, "retried", reason, error)
             return
         await self.subscription.ack(delivery)
         self.stats.dropped += 1
+        if self.observe is not None:
+            self.observe(delivery, "dropped", reason, error)
         extra = {**self.log_extra, "message_id": delivery.id, "attempt": delivery.attempts, "error": reason}
         if self._log_bodies:
             extra["body"] = delivery.body.decode(errors="replace")
@@ -176,12 +263,15 @@ class Settlement:
             self.queue.id,
             delivery.attempts,
             reason,
+            exc_info=_exc_info(error),
             extra=extra,
         )
 
     def log_settle_error(self, delivery: Delivery, exc: errors.Error) -> None:
         # The driver could not settle: the message stays unsettled and the driver
         # hands it out again (lease expiry / channel close / subscription close).
+        if self.observe is not None:
+            self.observe(delivery, "unsettled", str(exc), None)
         log.error(
             "could not settle message %s on %s: %s",
             delivery.id,
@@ -237,8 +327,11 @@ class Settlement:
 
     # -- dead letters ------------------------------------------------------------------------
 
-    async def dead_letter(self, delivery: Delivery, reason: str) -> bool:
-        """Move the message to the dead-letter queue; False (and logged) if that failed."""
+    async def dead_letter(self, delivery: Delivery, reason: str, error: BaseException | None = None) -> bool:
+        """Move the message to the dead-letter queue; False (and logged) if that failed.
+
+        ``error``: the handler's exception that led here, if any (its traceback is logged).
+        """
         target = self.target
         assert target is not None, "dead_letter() without a dead-letter queue"
         copy = Outgoing(delivery.id, delivery.body, self._dead_letter_headers(delivery, reason))
@@ -261,6 +354,8 @@ class Settlement:
             )
             return False
         self.stats.dead_lettered += 1
+        if self.observe is not None:
+            self.observe(delivery, "dead_lettered", reason, error)
         log.warning(
             "message %s on %s dead-lettered to %s after %d attempt(s): %s",
             delivery.id,
@@ -268,6 +363,7 @@ class Settlement:
             target.id,
             delivery.attempts,
             reason,
+            exc_info=_exc_info(error),
             extra={
                 **self.log_extra,
                 "message_id": delivery.id,
@@ -290,7 +386,9 @@ class Settlement:
 
     # -- logs --------------------------------------------------------------------------------
 
-    def _log_attempt(self, delivery: Delivery, reason: str, delay: float) -> None:
+    def _log_attempt(
+        self, delivery: Delivery, reason: str, delay: float, error: BaseException | None = None
+    ) -> None:
         extra = {
             **self.log_extra,
             "message_id": delivery.id,
@@ -307,6 +405,7 @@ class Settlement:
             self.queue.id,
             reason,
             delay,
+            exc_info=_exc_info(error),
             extra=extra,
         )
 
@@ -317,5 +416,6 @@ class Settlement:
             self.queue.id,
             note,
             error_text(failure),
+            exc_info=_exc_info(failure),
             extra={**self.log_extra, "message_id": delivery.id, "error": error_text(failure)},
         )

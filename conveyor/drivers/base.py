@@ -14,7 +14,7 @@ has to make those operations durable (and, where the backend allows, atomic).
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,8 +30,13 @@ __all__ = [
     "HeaderValue",
     "Headers",
     "Outgoing",
+    "Rewrite",
+    "Stored",
     "Subscription",
+    "browse_gone",
+    "check_limit",
     "queue_full",
+    "same_queue",
 ]
 
 HeaderValue = str | int | float | bool
@@ -62,6 +67,14 @@ class Capabilities:
     # A retry delay is kept by the backend: it survives the driver being closed and
     # reopened, and the message still waits it out.
     native_delay: bool = False
+    # browse lists the messages consumers hold right now (state "in_flight"). Without
+    # it, browse lists only the waiting ones (ready and delayed).
+    browse_in_flight: bool = False
+    # browse cannot read without taking: it takes each message it lists and gives it
+    # back, so that message's next delivery counts one more attempt for each browse
+    # that listed it (it still reaches a consumer; nothing is lost or duplicated).
+    # Without it, browsing leaves attempts and delivery order unchanged.
+    browse_counts_delivery: bool = False
 
 
 @dataclass(slots=True)
@@ -71,6 +84,32 @@ class Outgoing:
     id: str
     body: bytes
     headers: Headers
+
+
+STATES = ("ready", "delayed", "in_flight")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message as it sits in a queue, read without taking it (:meth:`Driver.browse`).
+
+    ``attempts`` counts the deliveries of this copy so far (0: never delivered; a
+    driver that cannot tell reports what it knows, see docs/drivers.md). ``state`` is
+    ``"ready"``, ``"delayed"`` (waiting out a retry delay) or ``"in_flight"`` (held by
+    a consumer right now). ``seq`` orders the messages of one queue as the driver
+    hands them out; it means nothing across queues or drivers.
+    """
+
+    id: str
+    body: bytes
+    headers: Headers
+    attempts: int
+    state: str
+    seq: int = 0
+
+
+# What a move stores on the target for each message it takes from the source.
+Rewrite = Callable[[Stored], Outgoing]
 
 
 class Delivery:
@@ -182,10 +221,81 @@ class Driver(abc.ABC):
         the driver reads its own (``SCHEMA.consumer_options(options)``).
         """
 
+    @property
+    def connected(self) -> bool:
+        """False while an open driver has lost its backend and is reconnecting (``/readyz``
+        reports it). A driver without a connection to lose keeps the default, True."""
+        return True
+
     @abc.abstractmethod
     async def info(self, queue: QueueSpec) -> dict[str, Any]:
         """At least ``message_count``, ``consumer_count``, ``ready``, ``in_flight`` and
         ``delayed`` (waiting out a retry delay); ``message_count`` counts them all."""
+
+    # -- queue tooling: browse, purge, move (dead-letter replay) -------------------------
+
+    @abc.abstractmethod
+    async def browse(self, queue: QueueSpec, *, limit: int, after: str | None = None) -> list[Stored]:
+        """Up to ``limit`` (>= 1) messages of ``queue``, in the order they are handed out,
+        without taking them: no consumer misses one and no attempt is counted (a
+        driver that cannot avoid a side effect documents it, see docs/drivers.md).
+
+        ``after`` is the ID of a message a previous call returned: the page starts
+        after it; NOT_FOUND if that message has left the queue since. Messages a
+        consumer holds are listed (``state="in_flight"``) where the backend can see
+        them; messages waiting out a retry delay are listed as ``"delayed"``.
+        """
+
+    @abc.abstractmethod
+    async def purge(self, queue: QueueSpec, ids: Collection[str] | None = None) -> int:
+        """Remove the waiting (ready or delayed) messages of ``queue``: all of them with
+        ``ids=None``, else those whose ID is in ``ids`` (IDs not found are skipped).
+
+        Messages a consumer holds right now are left alone: their consumer settles
+        them. Returns how many messages were removed.
+        """
+
+    @abc.abstractmethod
+    async def move(
+        self,
+        source: QueueSpec,
+        target: QueueSpec,
+        rewrite: Rewrite,
+        *,
+        ids: Collection[str] | None = None,
+        limit: int,
+    ) -> int:
+        """Move up to ``limit`` waiting messages from ``source`` to ``target`` (a queue of
+        this driver), in queue order: all of them with ``ids=None``, else those whose
+        ID is in ``ids`` (IDs not found are skipped). Each is stored on ``target`` as
+        ``rewrite(stored)`` (its delivery count starts over) and removed from
+        ``source`` in one step: an interrupted move leaves every message on exactly
+        one of the two queues, never on both and never on neither.
+
+        ``max_length`` of ``target`` is not enforced (nothing is added to the
+        system). Messages a consumer holds are left alone. Returns how many moved.
+        """
+
+
+def check_limit(limit: object) -> int:
+    """``limit`` of ``browse`` / ``move``; INVALID unless an integer of 1 or more."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise errors.invalid(f"limit must be an integer of 1 or more, not {limit!r}")
+    return limit
+
+
+def browse_gone(queue: QueueSpec, after: str) -> errors.Error:
+    """The error every driver raises when ``browse(after=...)`` names a message that has left."""
+    return errors.not_found(
+        f"message {after} is not on {queue.id} (any more): browse again from the start",
+        queue=queue.id,
+        id=after,
+    )
+
+
+def same_queue(source: QueueSpec) -> errors.Error:
+    """The error every driver raises for a ``move`` of a queue onto itself."""
+    return errors.invalid(f"cannot move messages of {source.id} onto the same queue")
 
 
 def queue_full(queue: QueueSpec, limit: int) -> errors.Error:

@@ -4,6 +4,10 @@ Nothing survives the process, but within it nothing is lost either: a leased mes
 stays counted (``in_flight``) until it is settled, nacks never need room in a full
 queue (the message never left it), and closing a subscription returns whatever it
 still holds. Everything runs on the app's event loop thread.
+
+Browsing lists a queue's ready messages (FIFO), then its delayed ones (by due time),
+then the ones its subscriptions hold (``in_flight``); purge and move take waiting
+messages only, and a move is one step on the loop (atomic by construction).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from conveyor import errors
@@ -22,8 +26,13 @@ from conveyor.drivers.base import (
     Driver,
     Headers,
     Outgoing,
+    Rewrite,
+    Stored,
     Subscription,
+    browse_gone,
+    check_limit,
     queue_full,
+    same_queue,
 )
 from conveyor.drivers.options.memory import SCHEMA
 from conveyor.drivers.waiters import Waiters
@@ -93,6 +102,32 @@ class _Queue:
     def wake_all(self) -> None:
         self.waiters.wake_all()
 
+    # -- tooling: what browse lists, what purge and move take ------------------------------
+
+    def listing(self) -> Iterator[tuple[_Stored, str]]:
+        """Every message with its state, in hand-out order: ready, delayed, held."""
+        for stored in self.ready:
+            yield stored, "ready"
+        for _due, _seq, stored in sorted(self.delayed, key=lambda item: item[:2]):
+            yield stored, "delayed"
+        for sub in self.subscriptions:
+            for stored in sub.held():
+                yield stored, "in_flight"
+
+    def remove_waiting(self, chosen: Collection[_Stored]) -> None:
+        """Take ``chosen`` (ready or delayed messages) off the queue."""
+        if not chosen:
+            return
+        gone = {id(stored) for stored in chosen}
+        self.ready = deque(s for s in self.ready if id(s) not in gone)
+        kept = [item for item in self.delayed if id(item[2]) not in gone]
+        if len(kept) != len(self.delayed):
+            heapq.heapify(kept)
+            self.delayed = kept
+            self.clear_timer()
+            if kept:
+                self._arm(asyncio.get_running_loop(), kept[0][0])
+
     def clear_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -135,6 +170,10 @@ class _MemorySubscription(Subscription):
             else:
                 await self._q.waiters.wait()
         return None
+
+    def held(self) -> list[_Stored]:
+        """The messages this subscription holds, in the order it leased them."""
+        return list(self._unsettled)
 
     def _held(self, delivery: Delivery) -> _Stored:
         """The stored message of ``delivery``, if this subscription holds that very delivery.
@@ -193,7 +232,9 @@ class _MemorySubscription(Subscription):
 
 class MemoryDriver(Driver):
     kind = "queue.driver.memory"
-    capabilities = Capabilities(atomic_batches=True, atomic_dead_letter=True, max_length=True)
+    capabilities = Capabilities(
+        atomic_batches=True, atomic_dead_letter=True, max_length=True, browse_in_flight=True
+    )
 
     def __init__(self, spec: DriverSpec) -> None:
         super().__init__(spec)
@@ -250,3 +291,60 @@ class MemoryDriver(Driver):
             "delayed": len(q.delayed),
             "consumer_count": len(q.subscriptions),
         }
+
+    # -- queue tooling ---------------------------------------------------------------------
+
+    async def browse(self, queue: QueueSpec, *, limit: int, after: str | None = None) -> list[Stored]:
+        check_limit(limit)
+        listing = list(self._queue(queue).listing())
+        start = 0
+        if after is not None:
+            start = next((n + 1 for n, (s, _) in enumerate(listing) if s.id == after), -1)
+            if start < 0:
+                raise browse_gone(queue, after)
+        page = listing[start : start + limit]
+        return [_stored(s, state, start + n + 1) for n, (s, state) in enumerate(page)]
+
+    async def purge(self, queue: QueueSpec, ids: Collection[str] | None = None) -> int:
+        q = self._queue(queue)
+        chosen = _waiting(q, ids, None)
+        q.remove_waiting([stored for stored, _ in chosen])
+        return len(chosen)
+
+    async def move(
+        self,
+        source: QueueSpec,
+        target: QueueSpec,
+        rewrite: Rewrite,
+        *,
+        ids: Collection[str] | None = None,
+        limit: int,
+    ) -> int:
+        check_limit(limit)
+        src, dst = self._queue(source), self._queue(target)
+        if src is dst:
+            raise same_queue(source)
+        chosen = _waiting(src, ids, limit)
+        # Every copy is built before anything changes: a rewrite that fails moves nothing.
+        copies = [rewrite(listed) for _, listed in chosen]
+        src.remove_waiting([stored for stored, _ in chosen])
+        for out in copies:
+            dst.put(_Stored(out.id, out.body, dict(out.headers)))
+        return len(copies)
+
+
+def _stored(stored: _Stored, state: str, seq: int) -> Stored:
+    return Stored(stored.id, stored.body, dict(stored.headers), stored.attempts, state, seq)
+
+
+def _waiting(q: _Queue, ids: Collection[str] | None, limit: int | None) -> list[tuple[_Stored, Stored]]:
+    """The waiting (ready, then delayed) messages of ``q`` whose ID is in ``ids`` (all
+    with None), in queue order, at most ``limit``: each as kept and as listed."""
+    wanted = None if ids is None else set(ids)
+    chosen: list[tuple[_Stored, Stored]] = []
+    for n, (stored, state) in enumerate(q.listing()):
+        if limit is not None and len(chosen) >= limit:
+            break
+        if state != "in_flight" and (wanted is None or stored.id in wanted):
+            chosen.append((stored, _stored(stored, state, n + 1)))
+    return chosen

@@ -121,7 +121,8 @@ class Host:
         head = None if headers is None else self._convert.from_lua(headers, "headers")
         if head is not None and not isinstance(head, dict):
             raise errors.invalid("headers must be a table of key = value pairs")
-        return (True, api.publish(qid, payload, head))
+        api.publish(qid, payload, head)
+        return (True, True)  # the seed's publish returns a boolean, not the ID
 
     @_guarded
     def message(self) -> Result:

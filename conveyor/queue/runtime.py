@@ -18,14 +18,15 @@ import asyncio
 import contextvars
 import itertools
 import os
-from collections.abc import Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Collection, Coroutine, Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from conveyor import errors
 from conveyor._loop import forbid_running_loop, run_blocking
 from conveyor.drivers.base import Headers, Outgoing
 from conveyor.drivers.options import show_size
 from conveyor.queue import context as qctx
+from conveyor.queue import tools
 from conveyor.queue.bound import BoundQueue
 from conveyor.queue.codecs import check_data
 from conveyor.queue.headers import check_headers, headers_size
@@ -34,7 +35,7 @@ from conveyor.security.context import SecurityContext, activate
 from conveyor.security.context import current as current_security
 from conveyor.security.policy import PolicyEngine
 
-__all__ = ["Runtime", "as_batch"]
+__all__ = ["PublishTracer", "Runtime", "as_batch"]
 
 T = TypeVar("T")
 
@@ -57,6 +58,19 @@ class _Ids:
 _ids = _Ids()
 
 
+class PublishTracer(Protocol):
+    """What traces publishing (a producer span per call), when tracing is on.
+
+    ``start`` runs before the messages are encoded: it may add headers (the trace
+    context) to each of ``headers`` in place, and returns a handle. ``end`` gets the
+    handle, the IDs of the messages (stored or not) and the error, if any.
+    """
+
+    def start(self, queue: BoundQueue, headers: list[Headers]) -> Any: ...
+
+    def end(self, handle: Any, ids: list[str], failure: BaseException | None) -> None: ...
+
+
 class Runtime:
     """The running queues of one app: what ``conveyor.queue`` acts on."""
 
@@ -66,6 +80,8 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, BoundQueue] = {}
         self._unavailable: dict[str, str] = {}
+        self.published: dict[str, int] = {}  # queue ID -> messages stored (for metrics)
+        self.tracer: PublishTracer | None = None
 
     # -- lifecycle (driven by the App) -------------------------------------------------
 
@@ -136,7 +152,8 @@ class Runtime:
 
     # -- publishing --------------------------------------------------------------------
 
-    async def apublish(self, queue_id: str, data: Any, headers: Mapping[str, Any] | None = None) -> bool:
+    async def apublish(self, queue_id: str, data: Any, headers: Mapping[str, Any] | None = None) -> str:
+        """Publish one message; its ID once the driver has stored it."""
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.apublish(queue_id, data, headers))
         qid = canonical_id(queue_id)
@@ -144,13 +161,18 @@ class Runtime:
         checked = check_headers(headers) if headers is not None else {}
         self.engine.check_publish(current_security(), qid)
         bound = self.queue(qid)
+        if self.tracer is not None:
+            return (await self._publish_traced(bound, [(data, checked)], batch=False))[0]
         body = _encode(bound, data, checked)
-        await bound.driver.publish(bound.spec, [Outgoing(_ids.next(), body, checked)])
-        return True
+        message_id = _ids.next()
+        await bound.driver.publish(bound.spec, [Outgoing(message_id, body, checked)])
+        self.published[qid] = self.published.get(qid, 0) + 1
+        return message_id
 
     async def apublish_many(
         self, queue_id: str, items: Iterable[Any], headers: Mapping[str, Any] | None = None
-    ) -> int:
+    ) -> list[str]:
+        """Publish a batch; the IDs of its messages, in order, once all are stored."""
         if asyncio.get_running_loop() is not self._loop:
             return await self._on_own_loop(self.apublish_many(queue_id, items, headers))
         items = as_batch(items)
@@ -158,11 +180,37 @@ class Runtime:
         common = check_headers(headers) if headers is not None else {}
         self.engine.check_publish(current_security(), qid)
         bound = self.queue(qid)
-        batch = [_outgoing(bound, index, item, common) for index, item in enumerate(items)]
-        if not batch:
+        if not items:
             raise errors.invalid("publish_many needs at least one item")
+        if self.tracer is not None:
+            pairs = [_split(index, item, common) for index, item in enumerate(items)]
+            return await self._publish_traced(bound, pairs, batch=True)
+        batch = [_outgoing(bound, index, item, common) for index, item in enumerate(items)]
         await bound.driver.publish(bound.spec, batch)
-        return len(batch)
+        self.published[qid] = self.published.get(qid, 0) + len(batch)
+        return [one.id for one in batch]
+
+    async def _publish_traced(
+        self, bound: BoundQueue, pairs: list[tuple[Any, Headers]], *, batch: bool
+    ) -> list[str]:
+        """Publishing with a producer span: the trace context goes into each message's headers."""
+        tracer = self.tracer
+        assert tracer is not None
+        ids = [_ids.next() for _ in pairs]
+        handle = tracer.start(bound, [headers for _, headers in pairs])
+        try:
+            if batch:
+                out = [_encoded(bound, i, data, headers, ids[i]) for i, (data, headers) in enumerate(pairs)]
+            else:
+                data, headers = pairs[0]
+                out = [Outgoing(ids[0], _encode(bound, data, headers), headers)]
+            await bound.driver.publish(bound.spec, out)
+        except BaseException as exc:
+            tracer.end(handle, ids, exc)
+            raise
+        tracer.end(handle, ids, None)
+        self.published[bound.id] = self.published.get(bound.id, 0) + len(out)
+        return ids
 
     async def ainfo(self, queue_id: str) -> dict[str, Any]:
         """The driver's counts for ``queue_id``; its errors pass through unchanged."""
@@ -170,6 +218,33 @@ class Runtime:
             return await self._on_own_loop(self.ainfo(queue_id))
         bound = self.queue(canonical_id(queue_id))
         return await bound.driver.info(bound.spec)
+
+    # -- tooling (conveyor.queue.tools) ------------------------------------------------
+
+    async def abrowse(
+        self, queue_id: str, limit: int = 100, after: str | None = None
+    ) -> list[tools.QueuedMessage]:
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.abrowse(queue_id, limit, after))
+        return await tools.browse(self, queue_id, limit, after)
+
+    async def areplay(
+        self,
+        dlq_id: str,
+        ids: Collection[str] | None = None,
+        to: str | None = None,
+        progress: tools.Progress | None = None,
+    ) -> int:
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.areplay(dlq_id, ids, to, progress))
+        return await tools.replay(self, dlq_id, ids, to, progress)
+
+    async def apurge(
+        self, queue_id: str, ids: Collection[str] | None = None, progress: tools.Progress | None = None
+    ) -> int:
+        if asyncio.get_running_loop() is not self._loop:
+            return await self._on_own_loop(self.apurge(queue_id, ids, progress))
+        return await tools.purge(self, queue_id, ids, progress)
 
     # -- loops -------------------------------------------------------------------------
 
@@ -246,17 +321,34 @@ def _too_large(bound: BoundQueue, what: str, size: int, limit: int) -> errors.Er
     )
 
 
-def _outgoing(bound: BoundQueue, index: int, item: Any, common: dict[str, Any]) -> Outgoing:
+def _item_error(index: int, exc: errors.Error) -> errors.Error:
+    return errors.Error(
+        exc.kind,
+        f"item {index}: {exc.message}",
+        retryable=exc.retryable,
+        details={**exc.details, "index": index},
+    )
+
+
+def _split(index: int, item: Any, common: dict[str, Any]) -> tuple[Any, Headers]:
+    """One ``publish_many`` item as checked data and its headers (the common ones first)."""
     data, extra = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
     try:
         check_data(data)
         headers = {**common, **check_headers(extra)} if extra is not None else dict(common)
+    except errors.Error as exc:
+        raise _item_error(index, exc) from None
+    return data, headers
+
+
+def _encoded(bound: BoundQueue, index: int, data: Any, headers: Headers, message_id: str) -> Outgoing:
+    try:
         body = _encode(bound, data, headers)
     except errors.Error as exc:
-        raise errors.Error(
-            exc.kind,
-            f"item {index}: {exc.message}",
-            retryable=exc.retryable,
-            details={**exc.details, "index": index},
-        ) from None
-    return Outgoing(_ids.next(), body, headers)
+        raise _item_error(index, exc) from None
+    return Outgoing(message_id, body, headers)
+
+
+def _outgoing(bound: BoundQueue, index: int, item: Any, common: dict[str, Any]) -> Outgoing:
+    data, headers = _split(index, item, common)
+    return _encoded(bound, index, data, headers, _ids.next())

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.broker
 def test_publish_returns_after_a_confirm_of_a_persistent_message(amqp: Harness) -> None:
     q = amqp.queue("persist")
     with amqp.load():
-        assert queue.publish(q, {"a": 1}, {"correlation_id": "c-1"}) is True
+        assert queue.publish(q, {"a": 1}, {"correlation_id": "c-1"})
         name = f"{amqp.namespace}.persist"
 
         async def peek(ch: Any) -> Any:

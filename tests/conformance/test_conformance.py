@@ -62,7 +62,7 @@ def test_publish_then_consume_sync_handler(harness: Harness) -> None:
     q = harness.queue("tasks")
     harness.consumer("worker", "tasks", sink.record)
     with harness.load() as app:
-        assert queue.publish(q, {"action": "send_email", "user_id": 456}) is True
+        assert queue.publish(q, {"action": "send_email", "user_id": 456})
         app.start_consumers()
         wait_until(lambda: len(sink) == 1)
         assert sink.items == [{"action": "send_email", "user_id": 456}]
@@ -593,6 +593,23 @@ def test_publish_many_stores_a_batch(harness: Harness) -> None:
     assert sink.headers[1]["k"] == "v"
 
 
+def test_publish_returns_the_id_the_handler_sees(harness: Harness) -> None:
+    """Python learns the ID of what it published: one, or a batch's in order."""
+    sink = Sink()
+    q = harness.queue("ids")
+    harness.consumer("worker", "ids", sink.record)
+    with harness.load() as app:
+        first = queue.publish(q, {"n": 0})
+        batch = queue.publish_many(q, [{"n": 1}, {"n": 2}, {"n": 3}], return_ids=True)
+        assert isinstance(first, str) and first
+        assert isinstance(batch, list) and len(batch) == 3
+        assert len({first, *batch}) == 4
+        app.start_consumers()
+        wait_until(lambda: len(sink) == 4)
+    by_n = {item["n"]: sink.ids[i] for i, item in enumerate(sink.items)}
+    assert [by_n[n] for n in range(4)] == [first, *batch]
+
+
 def test_publish_many_validates_whole_batch_first(harness: Harness) -> None:
     q = harness.queue("batch_bad")
     with harness.load():
@@ -608,10 +625,12 @@ def test_async_publish_and_info(harness: Harness) -> None:
 
     async def main() -> None:
         async with harness.load():
-            assert await queue.apublish(q, {"a": 1}) is True
+            assert await queue.apublish(q, {"a": 1})
             assert await queue.apublish_many(q, [1, 2]) == 2
+            ids = await queue.apublish_many(q, [3], return_ids=True)
+            assert isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], str)
             info = await queue.ainfo(q)
-            assert info["message_count"] == 3
+            assert info["message_count"] == 4
 
     asyncio.run(main())
 

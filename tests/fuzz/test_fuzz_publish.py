@@ -177,7 +177,7 @@ def publish_or_invalid(reader: Reader, qid: str, data: Any, headers: Any) -> boo
         assert not exc.retryable
         assert reader.count(qid) == before
         return False
-    assert stored is True
+    assert isinstance(stored, str) and stored  # the message ID
     return True
 
 

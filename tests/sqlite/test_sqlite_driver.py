@@ -361,7 +361,7 @@ def test_busy_file_is_waited_out_not_reported_as_locked(tmp_path: Path) -> None:
         timer = threading.Timer(1.0, lambda: blocker.execute("COMMIT"))
         timer.start()
         try:
-            assert queue.publish("t:jobs", 2) is True  # busy_timeout is 200ms: retried past it
+            assert queue.publish("t:jobs", 2)  # busy_timeout is 200ms: retried past it
         finally:
             timer.join()
             blocker.close()
@@ -471,7 +471,7 @@ def test_file_turned_read_only_while_running_fails_publish_and_recovers(tmp_path
         assert info.value.kind == errors.INTERNAL
         assert str(db) in info.value.message
         assert queue.info("t:jobs")["message_count"] == 1
-        assert queue.publish("t:jobs", {"n": 3}) is True
+        assert queue.publish("t:jobs", {"n": 3})
     assert stored_payloads(db) == [{"n": 1}, {"n": 3}]
     assert integrity(db) == "ok"
 

@@ -1,7 +1,7 @@
 """``queue.driver.amqp``: RabbitMQ and other AMQP 0-9-1 brokers (needs ``conveyor[amqp]``).
 
-The only package that imports the AMQP client library (aiormq, installed with
-aio-pika). ``AmqpDriver`` is the class the driver registry loads.
+The only package that imports the AMQP client library (aiormq, installed by the
+``amqp`` extra). ``AmqpDriver`` is the class the driver registry loads.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One consumer's attachment to one queue: deliveries in, settlements out.
 
-One concern, kept in one file of a little over 500 lines: attaching, the buffer,
+Size: one concern, kept in one file of a little over 500 lines: attaching, the buffer,
 every settlement and the return of deliveries on close all share one piece of
 bookkeeping (the lease of each delivery and the channel it came on), which would
 have to be passed between files if it were split.
@@ -114,6 +114,7 @@ class AmqpSubscription(Subscription):
         self._attaching: asyncio.Task[None] | None = None
         self._held: dict[str, asyncio.Event] = {}  # message_id -> "original settled"
         self._background: set[asyncio.Task[None]] = set()
+        self._receiving: set[asyncio.Task[Any]] = set()  # _on_message calls still running
         self._closed = False
         self.attached = asyncio.Event()  # set while a verified consumer is on the broker
 
@@ -125,7 +126,9 @@ class AmqpSubscription(Subscription):
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Delivered to this process, not handed out yet: in the buffer or still being
+        received (a classic queue's redelivery being recorded, say)."""
+        return len(self._buffer) + len(self._receiving)
 
     @property
     def in_flight(self) -> int:
@@ -238,7 +241,19 @@ class AmqpSubscription(Subscription):
     # -- receiving and handing out -----------------------------------------------------------
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        # aiormq runs this in a task of its own per delivery, so it may await.
+        # aiormq runs this in a task of its own per delivery, so it may await; close()
+        # waits for these tasks before it gives up the channel (see _settle_receiving).
+        task = asyncio.current_task()
+        if task is None:
+            await self._receive(message)
+            return
+        self._receiving.add(task)
+        try:
+            await self._receive(message)
+        finally:
+            self._receiving.discard(task)
+
+    async def _receive(self, message: DeliveredMessage) -> None:
         channel = message.channel
         if channel is not self._channel:
             return  # a late frame from a channel we gave up: the broker takes it back
@@ -502,7 +517,8 @@ class AmqpSubscription(Subscription):
     # -- closing -------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Cancel the consumer, return unstarted deliveries uncounted, close the channel."""
+        """Cancel the consumer, let deliveries being received finish, return unstarted
+        deliveries uncounted, close the channel."""
         if self._closed:
             return
         self._closed = True
@@ -517,6 +533,7 @@ class AmqpSubscription(Subscription):
             return
         with contextlib.suppress(Exception):
             await self._cancel_consumer(channel)
+            await self._settle_receiving()
             unstarted, self._buffer = list(self._buffer), deque()
             await asyncio.gather(*(self._return_unstarted(d, d.token) for d in unstarted))
             await self._drain_acks()
@@ -525,6 +542,17 @@ class AmqpSubscription(Subscription):
         # the grace period); the close-ok comes after the broker has requeued them.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), self._driver.link.timeout)
+
+    async def _settle_receiving(self) -> None:
+        """Let deliveries that arrived before the cancel finish being received.
+
+        A redelivered message from a classic queue is being republished with its
+        attempt recorded (:meth:`_checkpoint`); its original must be acked on this
+        channel before it closes, or both would be on the queue.
+        """
+        pending = {task for task in self._receiving if task is not asyncio.current_task()}
+        if pending:
+            await asyncio.wait(pending, timeout=self._driver.link.timeout)
 
     async def _cancel_consumer(self, channel: AbstractChannel) -> None:
         if self._consumer_tag is None:

@@ -2,8 +2,9 @@
 
 One connection per driver (kept up by :class:`Link`), one confirm-mode channel
 shared by every publisher (confirms are pipelined: many publishes wait on the same
-channel at once), one channel for declarations and counts, and one channel per
-consumer. See docs/rabbitmq.md for the topology and the guarantees.
+channel at once), one channel for declarations and counts, one channel per
+consumer, and short-lived channels for browse, purge and move (``_tooling.py``).
+See docs/rabbitmq.md for the topology and the guarantees.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, cast
 
 import aiormq
@@ -27,6 +28,7 @@ from conveyor.drivers.amqp._link import Link
 from conveyor.drivers.amqp._pipeline import Pipeline, Sent
 from conveyor.drivers.amqp._pipeline import supported as pipeline_supported
 from conveyor.drivers.amqp._subscription import AmqpSubscription
+from conveyor.drivers.amqp._tooling import Tooling
 from conveyor.drivers.amqp._topology import (
     REDECLARE_AFTER,
     Declaration,
@@ -37,7 +39,7 @@ from conveyor.drivers.amqp._topology import (
     parse_difference,
     queue_declaration,
 )
-from conveyor.drivers.base import Capabilities, Delivery, Driver, Outgoing, Subscription
+from conveyor.drivers.base import Capabilities, Delivery, Driver, Outgoing, Rewrite, Stored, Subscription
 from conveyor.drivers.options.amqp import SCHEMA
 from conveyor.registry.model import DriverSpec, QueueSpec
 from conveyor.registry.options import Options
@@ -60,6 +62,7 @@ class AmqpDriver(Driver):
         max_length=True,
         cross_process=True,
         native_delay=True,
+        browse_counts_delivery=True,  # basic.get, then give back: see _tooling.py
     )
 
     def __init__(self, spec: DriverSpec) -> None:
@@ -78,6 +81,7 @@ class AmqpDriver(Driver):
         # The broker's max_message_size, once a refusal named it; forgotten on reconnect
         # (the broker may have restarted with another limit).
         self._broker_max_size: int | None = None
+        self._tools = Tooling(self)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -90,6 +94,10 @@ class AmqpDriver(Driver):
             await sub.close()
         await self.link.close()
         self._publish_channel = self._rpc_channel = None
+
+    @property
+    def connected(self) -> bool:
+        return self.link.is_up
 
     def link_down(self) -> None:
         self._publish_channel = self._rpc_channel = None
@@ -201,7 +209,7 @@ class AmqpDriver(Driver):
             )
         return errors.internal(text, queue=queue.id, retryable=True)
 
-    def _declaration(self, queue: QueueSpec) -> Declaration:
+    def declaration(self, queue: QueueSpec) -> Declaration:
         try:
             return self._declared[queue.queue_name]
         except KeyError:
@@ -211,7 +219,7 @@ class AmqpDriver(Driver):
 
     async def _delay_queue(self, queue: QueueSpec, delay: float) -> str:
         """The delay queue for ``delay`` seconds, declared recently enough not to expire."""
-        source = self._declaration(queue)
+        source = self.declaration(queue)
         decl = delay_declaration(source, max(round(delay * 1000), 1))
         declared_at = self._delay_fresh.get(decl.name)
         if declared_at is None or time.monotonic() - declared_at > REDECLARE_AFTER:
@@ -232,7 +240,7 @@ class AmqpDriver(Driver):
         INVALID or PERMISSION_DENIED, not retryable; everything else INTERNAL,
         retryable (see :meth:`_send`).
         """
-        decl = self._declaration(queue)
+        decl = self.declaration(queue)
         encoded = [encode_headers(out.headers, out.id) for out in batch]  # INVALID before sending
         messages = [
             (out.body, enc.properties, enc.mandatory) for out, enc in zip(batch, encoded, strict=True)
@@ -241,7 +249,7 @@ class AmqpDriver(Driver):
 
     async def publish_raw(self, queue: QueueSpec, body: bytes, properties: spec.Basic.Properties) -> None:
         """Republish a delivered message's body and properties to ``queue`` (confirmed)."""
-        decl = self._declaration(queue)
+        decl = self.declaration(queue)
         await self._send(queue, decl.name, [(body, properties, True)], full="x-max-length" in decl.arguments)
 
     async def retry(
@@ -362,7 +370,7 @@ class AmqpDriver(Driver):
             if not pipeline_supported(channel):
                 raise errors.internal(
                     "this aiormq version lacks the confirm bookkeeping the AMQP driver uses; "
-                    "install aiormq 7.x (pip install 'aio-pika>=10,<11')",
+                    "install aiormq 7.x (pip install 'conveyor[amqp]')",
                     retryable=False,
                 )
             self._publisher = Pipeline(cast(aiormq.Channel, channel))
@@ -373,7 +381,7 @@ class AmqpDriver(Driver):
     async def subscribe(
         self, queue: QueueSpec, *, prefetch: int, auto_ack: bool, options: Mapping[str, Options]
     ) -> Subscription:
-        self._declaration(queue)
+        self.declaration(queue)
         settings = SCHEMA.consumer_options(options)
         assert settings is not None  # the AMQP driver declares consumer options
         sub = AmqpSubscription(self, queue, prefetch=prefetch, auto_ack=auto_ack, options=settings)
@@ -386,7 +394,7 @@ class AmqpDriver(Driver):
 
     async def queue_counts(self, queue: QueueSpec) -> spec.Queue.DeclareOk:
         """The broker's ``queue.declare-ok`` counts (ready messages, consumers) for ``queue``."""
-        decl = self._declaration(queue)
+        decl = self.declaration(queue)
         try:
             return await self._queue_declare(decl, passive=True)
         except Exception as exc:
@@ -417,13 +425,37 @@ class AmqpDriver(Driver):
         }
 
     async def _delayed(self, queue: QueueSpec) -> int:
-        total = 0
-        for name, decl in sorted(self._delays_of.get(queue.queue_name, {}).items()):
+        return sum((await self.delay_counts(queue)).values())
+
+    async def delay_counts(self, queue: QueueSpec) -> dict[str, int]:
+        """Messages waiting in each delay queue of ``queue`` this process has used, shortest delay first."""
+        counts: dict[str, int] = {}
+        known = self._delays_of.get(queue.queue_name, {})
+        for name, decl in sorted(known.items(), key=lambda item: item[1].arguments["x-message-ttl"]):
             # A plain (not passive) declare: it cannot fail on a queue that expired meanwhile.
             with contextlib.suppress(errors.Error):
-                total += int((await self._declare(queue, decl)).message_count or 0)
+                counts[name] = int((await self._declare(queue, decl)).message_count or 0)
                 self._delay_fresh[name] = time.monotonic()
-        return total
+        return counts
+
+    # -- queue tooling (see _tooling.py) --------------------------------------------------------
+
+    async def browse(self, queue: QueueSpec, *, limit: int, after: str | None = None) -> list[Stored]:
+        return await self._tools.browse(queue, limit=limit, after=after)
+
+    async def purge(self, queue: QueueSpec, ids: Collection[str] | None = None) -> int:
+        return await self._tools.purge(queue, ids)
+
+    async def move(
+        self,
+        source: QueueSpec,
+        target: QueueSpec,
+        rewrite: Rewrite,
+        *,
+        ids: Collection[str] | None = None,
+        limit: int,
+    ) -> int:
+        return await self._tools.move(source, target, rewrite, ids=ids, limit=limit)
 
 
 def _reply_text(exc: BaseException | None) -> str:

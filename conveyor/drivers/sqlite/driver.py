@@ -2,7 +2,8 @@
 
 See the package docstring for the model. The driver owns the database thread
 (``store.Database``) and the lease-maintenance task; each consumer's window on a
-queue is a :class:`~conveyor.drivers.sqlite.subscription.SqliteSubscription`.
+queue is a :class:`~conveyor.drivers.sqlite.subscription.SqliteSubscription`; browse,
+purge and move are jobs of ``tooling``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ import itertools
 import logging
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from conveyor import errors
-from conveyor.drivers.base import Capabilities, Driver, Outgoing, Subscription
+from conveyor.drivers.base import (
+    Capabilities,
+    Driver,
+    Outgoing,
+    Rewrite,
+    Stored,
+    Subscription,
+    check_limit,
+    same_queue,
+)
 from conveyor.drivers.options.sqlite import SCHEMA
-from conveyor.drivers.sqlite import leases
+from conveyor.drivers.sqlite import leases, tooling
 from conveyor.drivers.sqlite.rows import INSERT, check_room, encode
 from conveyor.drivers.sqlite.store import Database
 from conveyor.drivers.sqlite.subscription import SqliteSubscription
@@ -40,6 +50,7 @@ class SqliteDriver(Driver):
         max_length=True,
         cross_process=True,
         native_delay=True,
+        browse_in_flight=True,
     )
 
     def __init__(self, spec: DriverSpec) -> None:
@@ -142,6 +153,34 @@ class SqliteDriver(Driver):
 
         result: dict[str, Any] = await self.db.submit(counts, write=False)
         return result
+
+    # -- queue tooling ---------------------------------------------------------------
+
+    async def browse(self, queue: QueueSpec, *, limit: int, after: str | None = None) -> list[Stored]:
+        job = tooling.browse_job(queue, check_limit(limit), after)
+        page: list[Stored] = await self.db.submit(job, write=False)
+        return page
+
+    async def purge(self, queue: QueueSpec, ids: Collection[str] | None = None) -> int:
+        removed: int = await self.db.submit(tooling.purge_job(queue, tooling.check_ids(ids)))
+        return removed
+
+    async def move(
+        self,
+        source: QueueSpec,
+        target: QueueSpec,
+        rewrite: Rewrite,
+        *,
+        ids: Collection[str] | None = None,
+        limit: int,
+    ) -> int:
+        if source.queue_name == target.queue_name:
+            raise same_queue(source)
+        job = tooling.move_job(source, target, rewrite, tooling.check_ids(ids), check_limit(limit))
+        moved: int = await self.db.submit(job)
+        if moved:
+            self.notify(target.queue_name)
+        return moved
 
     # -- leases: extension, expiry, dead holders ---------------------------------------
 

@@ -29,11 +29,14 @@ from conveyor.registry.problems import Problem, problems_error
 
 __all__ = ["load_registry"]
 
+# The files a directory load reads (a file given by its path loads whatever its name).
+_PATTERNS = ("*.yaml", "*.yml")
+
 
 def load_registry(path: str | os.PathLike[str]) -> Registry:
     """Load, validate and cross-reference the YAML file or directory at ``path``.
 
-    A directory means every ``*.yaml`` file under it, recursively (hidden directories
+    A directory means every ``*.yaml`` and ``*.yml`` file under it, recursively (hidden directories
     skipped), in sorted order. ``${VAR}`` / ``${VAR:-default}`` are replaced from ``os.environ``
     (``$${`` writes a literal ``${``). Returns the :class:`Registry`; raises one
     INVALID :class:`errors.Error` listing every problem found in every file otherwise
@@ -43,7 +46,7 @@ def load_registry(path: str | os.PathLike[str]) -> Registry:
     root = Path(path)
     files = _discover(root)
     if not files:
-        reason = "no *.yaml files in this directory" if root.is_dir() else "no such file"
+        reason = "no *.yaml or *.yml files in this directory" if root.is_dir() else "no such file"
         raise _invalid([Problem(str(root), "", "", reason)])
     load = Load()
     for file in files:
@@ -61,14 +64,15 @@ def _invalid(problems: list[Problem]) -> Exception:
 
 
 def _discover(path: Path) -> list[Path]:
-    """The YAML files at ``path``: the file itself, or every ``*.yaml`` under it.
+    """The YAML files at ``path``: the file itself, or every ``*.yaml`` / ``*.yml`` under it.
 
     Hidden directories (``.git``, ``.github``, ...) are skipped: they hold other tools' YAML.
     """
     if path.is_dir():
         found = [
             p
-            for p in path.rglob("*.yaml")
+            for pattern in _PATTERNS
+            for p in path.rglob(pattern)
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts[:-1])
         ]
         return sorted(found, key=lambda p: p.relative_to(path).parts)

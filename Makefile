@@ -52,7 +52,7 @@ bench: $(STAMP)
 # on PATH. By default the suite without the chaos and slow tests (PYTEST_ARGS= runs all of it).
 TEST_PYTHONS ?= 3.11 3.12 3.13
 PYENV_ROOT ?= $(HOME)/.pyenv
-PYTEST_ARGS ?= -m "not long and not chaos and not slow"
+PYTEST_ARGS ?= -n 2 --dist loadfile -m "not long and not chaos and not slow"
 test-pythons:
 	@failed=""; for v in $(TEST_PYTHONS); do \
 		py=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -n 1); \

@@ -350,5 +350,12 @@ def _encoded(bound: BoundQueue, index: int, data: Any, headers: Headers, message
 
 
 def _outgoing(bound: BoundQueue, index: int, item: Any, common: dict[str, Any]) -> Outgoing:
-    data, headers = _split(index, item, common)
-    return _encoded(bound, index, data, headers, _ids.next())
+    """``_split`` and ``_encoded`` in one frame: the untraced batch path, per item."""
+    data, extra = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+    try:
+        check_data(data)
+        headers = {**common, **check_headers(extra)} if extra is not None else dict(common)
+        body = _encode(bound, data, headers)
+    except errors.Error as exc:
+        raise _item_error(index, exc) from None
+    return Outgoing(_ids.next(), body, headers)

@@ -18,8 +18,10 @@ loop thread if the app owns one. After ``stop`` returns no task of the app is pe
 
 Size: over 500 lines because the app's lifecycle is one piece of state (loop, drivers,
 queues, consumers, background restarts, watchdog) that start, stop and the late start
-of optional parts all change; the run loop, startup retries and the watchdog already
-live in ``running``, ``supervision`` and ``watchdog``.
+of optional parts all change (the metrics endpoint and the tracer are wired into that
+same order); the run loop, startup retries, the watchdog, the metrics and health
+endpoint and tracing already live in ``running``, ``supervision``, ``watchdog``,
+``observe`` and ``tracing``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -405,3 +406,32 @@ def replay_while_browsing(q: str, dlq: str) -> tuple[int, set[str]]:
     if failures:
         raise failures[0]
     return moved, doubles
+
+
+def test_replay_across_drivers_copies_then_removes(tmp_path: Path) -> None:
+    """A dead-letter queue on another driver (SQLite) than its queue (memory): the replay
+    copies each message to the queue's driver, then removes it from the dead-letter
+    queue; it is consumed again once, attempts starting at 1, without the dead-letter
+    headers. Fault C2 (a replay neither loses nor duplicates)."""
+    h = Harness(tmp_path, "memory")
+    h.add(name="disk", kind="queue.driver.sqlite", path=str(tmp_path / "dlq.db"))
+    flaky = Flaky()
+    q = h.queue("jobs", dead_letter={"queue": "jobs_dlq", "max_attempts": 1})
+    dlq = h.queue("jobs_dlq", driver="disk")
+    h.consumer("worker", "jobs", flaky.handler())
+    app = h.load()
+    app.start(consumers=True)
+    try:
+        ids = dead_letters(app, q, dlq, [{"n": n} for n in range(3)])
+        assert [m.dead_letter.original_queue for m in queue.browse(dlq) if m.dead_letter] == [q] * 3
+        flaky.broken.clear()
+        assert queue.replay(dlq) == 3
+        wait_until(lambda: len(flaky.sink) == 3)
+        assert app.wait_idle(timeout=10)
+        assert queue.info(dlq)["message_count"] == 0
+        assert queue.browse(dlq) == []
+    finally:
+        app.stop()
+    assert sorted(flaky.sink.ids) == sorted(ids)
+    assert flaky.sink.attempts == [1, 1, 1]
+    assert all(not any(k.startswith("x_") or k == "attempts" for k in h_) for h_ in flaky.sink.headers)

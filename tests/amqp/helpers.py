@@ -12,8 +12,9 @@ import pytest
 
 from conveyor import errors, queue
 from conveyor.app import App
+from tests.conftest import require_private_rabbit
 from tests.support.harness import AMQP_URL, Harness
-from tests.support.rabbit_node import RabbitNode, rabbit_available
+from tests.support.rabbit_node import RabbitNode
 
 T = TypeVar("T")
 
@@ -79,9 +80,7 @@ def start_node(
     factory: pytest.TempPathFactory, name: str = "conveyor-test", config: Sequence[str] = ()
 ) -> Iterator[RabbitNode]:
     """Body of a module fixture: a private RabbitMQ node, stopped (then killed) afterwards."""
-    why = rabbit_available()
-    if why is not None:
-        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
+    require_private_rabbit()
     rabbit = RabbitNode(factory.mktemp("rabbit"), name, config=config)
     rabbit.start(timeout=NODE_START_TIMEOUT)
     try:

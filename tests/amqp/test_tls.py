@@ -26,9 +26,9 @@ import pytest
 from conveyor import errors, queue
 from conveyor.drivers.amqp import AmqpDriver
 from tests.amqp.helpers import Sink, on
-from tests.conftest import REQUIRE_BROKERS
+from tests.conftest import REQUIRE_BROKERS, require_private_rabbit
 from tests.support.harness import Harness
-from tests.support.rabbit_node import RabbitNode, TlsListener, rabbit_available
+from tests.support.rabbit_node import RabbitNode, TlsListener
 from tests.support.waiting import wait_until
 
 # 240 s: the first test also waits for the PKI, the node and its rabbitmqctl calls (about 10 s
@@ -127,9 +127,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_node(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    why = rabbit_available()
-    if why is not None:
-        _unavailable(f"cannot start a private RabbitMQ node: {why}")
+    require_private_rabbit()
     node = RabbitNode(
         tmp_path_factory.mktemp("rabbit-tls"),
         "conveyor-tls",

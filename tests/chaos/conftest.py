@@ -8,15 +8,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.rabbit_node import RabbitNode, rabbit_available
+from tests.conftest import require_private_rabbit
+from tests.support.rabbit_node import RabbitNode
 
 
 @pytest.fixture(scope="module")
 def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
     """A private RabbitMQ node for this module; only chaos clients connect to it."""
-    why = rabbit_available()
-    if why is not None:
-        pytest.fail(f"cannot start a private RabbitMQ node: {why}", pytrace=False)
+    require_private_rabbit()
     node = RabbitNode(tmp_path_factory.mktemp("rabbit"), name="conveyor-chaos")
     node.start()
     try:

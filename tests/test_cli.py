@@ -443,6 +443,23 @@ def test_call_failures(tmp_path: Path) -> None:
     assert_one_line_error(undeclared, "conveyor: NOT_FOUND: function app:nothing is not declared")
 
 
+def test_call_timeout_gives_up_on_a_function_that_does_not_return(tmp_path: Path) -> None:
+    """``call --timeout``: a function still running when it is over is a TIMEOUT (exit 1),
+    and the command does not wait for it (regression: ``call`` had no bound at all)."""
+    write_app(tmp_path)
+    started = time.monotonic()
+    result = conveyor(tmp_path, "call", "app:slow", "--timeout", "0.5")
+    assert time.monotonic() - started < 30  # the function sleeps for 120 s
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("conveyor: TIMEOUT: function app:slow did not return within 0.5s")
+    quick = conveyor(tmp_path, "call", "app:add", "1", "2", "--timeout", "30")
+    assert quick.returncode == 0, quick.stderr
+    assert json.loads(quick.stdout) == {"sum": 3}
+    bad = conveyor(tmp_path, "call", "app:add", "1", "2", "--timeout", "soon")
+    assert bad.returncode == 2
+    assert "not a number of seconds: 'soon'" in bad.stderr
+
+
 def test_ctrl_c_outside_run_exits_130_quietly(tmp_path: Path) -> None:
     write_app(tmp_path)
     proc = spawn(tmp_path, "call", "app:slow")

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,6 +330,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _call_within(app: App, fid: str, call_args: list[Any], timeout: float) -> Any:
+    """``app.call`` bounded by ``timeout``: TIMEOUT once it is over.
+
+    The call runs in a daemon thread, so nothing waits for a function that overruns:
+    the app then stops (an async function's task is cancelled with the loop) and the
+    command exits, leaving a sync function's thread behind (a thread cannot be killed).
+    """
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, app.call(fid, *call_args)))
+        except BaseException as exc:  # handed to the command's thread below
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=call, name=f"conveyor-call {fid}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise errors.Error(
+            errors.TIMEOUT, f"function {fid} did not return within {timeout:g}s", retryable=True
+        )
+    returned, value = outcome[0]
+    if returned:
+        return value
+    raise value
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     """``conveyor call``: start the app without consumers, call a function entry, print JSON."""
     call_args = [parse_value(a) for a in args.args]
@@ -336,7 +365,10 @@ def cmd_call(args: argparse.Namespace) -> int:
     fid = declared_function(app, args.func_id)
     with app:
         try:
-            result = app.call(fid, *call_args)
+            if args.timeout is None:
+                result = app.call(fid, *call_args)
+            else:
+                result = _call_within(app, fid, call_args, args.timeout)
         except errors.Error:
             raise
         except Exception as exc:

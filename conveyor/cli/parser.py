@@ -219,6 +219,13 @@ def _add_call(commands: Any, common: argparse.ArgumentParser) -> None:
     call.add_argument(
         "args", nargs="*", metavar="JSON_ARG", help="arguments: JSON when they parse as JSON, else strings"
     )
+    call.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up (TIMEOUT, exit 1) when the function has not returned by then",
+    )
     call.set_defaults(handler=cmd_call)
 
 

@@ -115,6 +115,12 @@ def handle(payload):
         if time.monotonic() > deadline:
             raise RuntimeError("the other workers never started")
         time.sleep(0.02)
+    if payload.get("share"):  # a barrier: no worker goes on before every worker holds a message
+        _append("sharing.txt", str(os.getpid()))
+        while len(set(_lines("sharing.txt"))) < WORKERS:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other workers never took a message")
+            time.sleep(0.02)
     attempt = queue.message().attempts
     if payload.get("seconds") and attempt <= payload.get("slow_attempts", 1000):
         _append("begun.txt", f"{payload['n']}:{os.getpid()}")
@@ -229,8 +235,11 @@ def run_supervisor(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_workers_share_the_work(tmp_path: Path, run_supervisor: Any) -> None:
+    """Both workers handle messages. Each message waits until every worker holds one
+    (prefetch 1), so one worker cannot take them all before the other polls (regression:
+    under load the first worker handled all 12 within the other's 20 ms poll interval)."""
     config = write_app(tmp_path)
-    publish(config, [{"n": n} for n in range(12)])
+    publish(config, [{"n": n, "share": True} for n in range(12)])
     supervisor = run_supervisor("--until-idle", "--json")
     assert supervisor.finish() == 0, supervisor.stderr
     handled = [line.split(":") for line in lines(tmp_path / "handled.txt")]

@@ -14,14 +14,12 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conveyor import App, queue
-from conveyor.drivers import kinds
 from tests.support.harness import Harness
 from tests.support.profiles import AMQP_URL
 from tests.support.stub_drivers import FlakyStartDriver
@@ -34,20 +32,6 @@ def probe(app: App, path: str) -> tuple[int, dict[str, Any]]:
     status, content_type, body = get(app.metrics_address, path)
     assert content_type == "application/json", content_type
     return status, json.loads(body)
-
-
-@pytest.fixture
-def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FlakyStartDriver]]:
-    """The memory driver kind, replaced by one whose open/subscribe fail on demand."""
-    row = kinds.DriverKind(
-        "queue.driver.memory",
-        "conveyor.drivers.options.memory",
-        "tests.support.stub_drivers:FlakyStartDriver",
-    )
-    monkeypatch.setattr(kinds, "KINDS", (row, *kinds.KINDS[1:]))
-    FlakyStartDriver.reset()
-    yield FlakyStartDriver
-    FlakyStartDriver.reset()
 
 
 def test_a_running_app_is_alive_and_ready(tmp_path: Path) -> None:

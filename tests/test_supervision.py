@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conveyor import App, errors, queue
-from conveyor.drivers import kinds
 from tests.support.harness import Harness
 from tests.support.profiles import AMQP_URL
 from tests.support.stub_drivers import FlakyStartDriver
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
-
-
-@pytest.fixture
-def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[FlakyStartDriver]]:
-    """The memory driver kind, replaced by one whose open/subscribe fail on demand."""
-    row = kinds.DriverKind(
-        "queue.driver.memory",
-        "conveyor.drivers.options.memory",
-        "tests.support.stub_drivers:FlakyStartDriver",
-    )
-    monkeypatch.setattr(kinds, "KINDS", (row, *kinds.KINDS[1:]))
-    FlakyStartDriver.reset()
-    yield FlakyStartDriver
-    FlakyStartDriver.reset()
 
 
 def _harness(tmp_path: Path, **lifecycle: Any) -> Harness:

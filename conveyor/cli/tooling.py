@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from conveyor import errors, queue
@@ -72,13 +72,24 @@ def _footer(shown: int, limit: int, total: int | None) -> None:
         err(f"({shown} shown, {total} in the queue; --limit N shows more, --after ID the next page)")
 
 
-def _browse_page(args: argparse.Namespace, qid: str) -> tuple[list[QueuedMessage], int | None]:
-    messages = queue.browse(qid, limit=args.limit, after=args.after)
-    return messages, _message_count(qid)
-
-
-def _page_json(qid: str, messages: Sequence[QueuedMessage], total: int | None) -> dict[str, Any]:
-    return {"queue": qid, "total": total, "messages": [m.as_dict() for m in messages]}
+def _show_page(
+    args: argparse.Namespace,
+    app: App,
+    qid: str,
+    columns: list[str],
+    row: Callable[[QueuedMessage], list[Any]],
+) -> int:
+    """One page of ``qid`` (``--limit``, ``--after``): JSON, or a table of ``row(m)`` under
+    ``columns`` with the footer. What ``peek`` and ``dlq list QUEUE`` print."""
+    with app:
+        messages = queue.browse(qid, limit=args.limit, after=args.after)
+        total = _message_count(qid)
+    if args.json:
+        print_json({"queue": qid, "total": total, "messages": [m.as_dict() for m in messages]})
+        return EXIT_OK
+    out(format_table(columns, [row(m) for m in messages]))
+    _footer(len(messages), args.limit, total)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- peek
@@ -98,15 +109,11 @@ def cmd_peek(args: argparse.Namespace) -> int:
     """``conveyor peek QUEUE``: the first messages of any queue, without taking them."""
     app = load_app(args.config)
     qid = declared_queue(app, args.queue_id)
-    with app:
-        messages, total = _browse_page(args, qid)
-    if args.json:
-        print_json(_page_json(qid, messages, total))
-        return EXIT_OK
-    rows = [[m.id, m.state, m.attempts, _headers_cell(m), _body_cell(m)] for m in messages]
-    out(format_table(["ID", "STATE", "ATTEMPTS", "HEADERS", "BODY"], rows))
-    _footer(len(messages), args.limit, total)
-    return EXIT_OK
+    return _show_page(args, app, qid, ["ID", "STATE", "ATTEMPTS", "HEADERS", "BODY"], _peek_row)
+
+
+def _peek_row(m: QueuedMessage) -> list[Any]:
+    return [m.id, m.state, m.attempts, _headers_cell(m), _body_cell(m)]
 
 
 # --------------------------------------------------------------------------- dlq list
@@ -155,15 +162,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
     if args.queue_id is None:
         return _list_all(app, args.json)
     qid = declared_queue(app, args.queue_id)
-    with app:
-        messages, total = _browse_page(args, qid)
-    if args.json:
-        print_json(_page_json(qid, messages, total))
-        return EXIT_OK
-    rows = [_letter_row(m) for m in messages]
-    out(format_table(["ID", "DEAD_LETTERED", "FROM", "ATTEMPTS", "REASON"], rows))
-    _footer(len(messages), args.limit, total)
-    return EXIT_OK
+    return _show_page(args, app, qid, ["ID", "DEAD_LETTERED", "FROM", "ATTEMPTS", "REASON"], _letter_row)
 
 
 # --------------------------------------------------------------------------- dlq show

@@ -242,7 +242,8 @@ class _Replay:
             self._checked[name] = bound
         return bound
 
-    async def page(self, page: list[Stored]) -> None:
+    async def page(self, page: list[Stored]) -> set[str]:
+        """Move what can be moved of ``page``; the IDs it was moving (the rest stays)."""
         groups: dict[str, tuple[BoundQueue, list[Stored]]] = {}
         for stored in page:
             if stored.state == "in_flight":
@@ -252,6 +253,7 @@ class _Replay:
                 groups.setdefault(target.id, (target, []))[1].append(stored)
         for target, messages in groups.values():
             self.moved += await self._move(target, messages)
+        return {m.id for _, messages in groups.values() for m in messages}
 
     async def _move(self, target: BoundQueue, messages: list[Stored]) -> int:
         source = self.source
@@ -312,9 +314,7 @@ async def replay(
                 break
             mine = [m for m in page if m.id in left]
             left.difference_update(m.id for m in mine)
-            before = work.moved
-            await work.page(mine)
-            after = _last_kept(page, work, before, mine)
+            after = _last_kept(page, await work.page(mine))
             if progress is not None:
                 progress(total - len(left), total)
         return work.result()
@@ -326,9 +326,7 @@ async def replay(
         if not page:
             break
         seen += len(page)
-        before = work.moved
-        await work.page(page)
-        after = _last_kept(page, work, before, page)
+        after = _last_kept(page, await work.page(page))
         if progress is not None:
             progress(min(seen, total), total)
     return work.result()
@@ -344,14 +342,10 @@ async def _browse(source: BoundQueue, limit: int, after: str | None) -> list[Sto
         return await source.driver.browse(source.spec, limit=limit, after=None)
 
 
-def _last_kept(page: list[Stored], work: _Replay, before: int, handled: list[Stored]) -> str | None:
+def _last_kept(page: list[Stored], moved: set[str]) -> str | None:
     """Where the next page starts: after the last message of this page still on the
     queue (skipped or not asked for), or at the front when every one of them moved."""
-    if work.moved - before == len(handled) and len(handled) == len(page):
-        return None
-    moved_ids = {m.id for m in handled} - set(work.no_target) - set(work.unknown)
-    moved_ids -= {m.id for m in handled if m.state == "in_flight"}
     for stored in reversed(page):
-        if stored.id not in moved_ids:
+        if stored.id not in moved:
             return stored.id
     return None

@@ -26,7 +26,7 @@ import pytest
 from conveyor import errors, queue
 from conveyor.drivers.amqp import AmqpDriver
 from tests.amqp.helpers import Sink, on
-from tests.conftest import REQUIRE_BROKERS, require_private_rabbit
+from tests.conftest import require_private_rabbit, unavailable
 from tests.support.harness import Harness
 from tests.support.rabbit_node import RabbitNode, TlsListener
 from tests.support.waiting import wait_until
@@ -39,13 +39,6 @@ CTL_TIMEOUT = 120.0  # each rabbitmqctl call boots an Erlang VM: slow on a loade
 USER = "conveyor-tls-client"  # exists on the node, no password: it can only log in by certificate
 STRANGER = "conveyor-tls-stranger"  # a valid certificate, but no such user on the node
 TIMEOUT = {"connection_timeout": "5s"}  # every failure below must come sooner
-
-
-def _unavailable(reason: str) -> None:
-    """Skip locally, fail when CONVEYOR_REQUIRE_BROKERS=1 (like require_service)."""
-    if REQUIRE_BROKERS:
-        pytest.fail(reason + " and CONVEYOR_REQUIRE_BROKERS=1", pytrace=False)
-    pytest.skip(reason)
 
 
 # -- a throwaway PKI ------------------------------------------------------------------------------
@@ -105,7 +98,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """ca, server (localhost / 127.0.0.1), client (CN=USER), stranger (CN=STRANGER), other_ca,
     and rogue (CN=USER, but signed by other_ca)."""
     if shutil.which("openssl") is None and not Path("/usr/bin/openssl").exists():
-        _unavailable("the openssl command is not installed")
+        unavailable("the openssl command is not installed")
     base = tmp_path_factory.mktemp("pki")
     _ca(base, "ca", "/CN=conveyor test CA")
     _ca(base, "other_ca", "/CN=conveyor unrelated CA")
